@@ -1,0 +1,54 @@
+"""Checks of a composed config, so a typo fails at once with the key and what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from alr import CONFIG_VERSION
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+METHODS = ("baseline", "slr", "alr", "alr_s", "kd", "dml")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and how to fix it."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"config key '{key}': {problem}. {fix}")
+        self.key = key
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first value that cannot work."""
+    t = cfg.trainer
+    for key in ("epochs", "batch_size"):
+        if not _positive_int(t[key]):
+            raise ConfigError(f"trainer.{key}", f"must be an integer >= 1, got {t[key]!r}", f"Set trainer.{key}=N.")
+    for key in ("limit_train_batches", "limit_test_batches", "snapshot_every", "log_every"):
+        if t[key] is not None and not _positive_int(t[key]):
+            raise ConfigError(f"trainer.{key}", f"must be null or an integer >= 1, got {t[key]!r}", "")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(
+            "trainer.precision", f"unknown precision {t.precision!r}", f"Use one of {', '.join(PRECISIONS)}."
+        )
+    device = str(t.device)
+    if device not in ("auto", "cpu", "mps") and not device.startswith("cuda"):
+        raise ConfigError("trainer.device", f"unknown device {device!r}", "Use auto, cpu, cuda or cuda:N.")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError("seed", f"must be a non-negative integer, got {cfg.seed!r}", "Set seed=N.")
+    if cfg.method.name not in METHODS:
+        raise ConfigError("method.name", f"unknown method {cfg.method.name!r}", f"Use one of {', '.join(METHODS)}.")
+    if not _positive_int(cfg.dataset.num_classes) or cfg.dataset.num_classes < 2:
+        raise ConfigError("dataset.num_classes", f"must be an integer >= 2, got {cfg.dataset.num_classes!r}", "")
+    if cfg.get("config_version") != CONFIG_VERSION:
+        raise ConfigError(
+            "config_version",
+            f"this config is version {cfg.get('config_version')!r}, the suite reads version {CONFIG_VERSION}",
+            "Recompose the run from this version's configs/ (python -m alr.train ...).",
+        )

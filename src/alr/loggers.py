@@ -1,0 +1,89 @@
+"""Experiment loggers: ``none`` (the run folder only) and Weights & Biases."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class NoLogger:
+    """Logs nothing beyond the run folder, which the trainer always writes."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_matrix(self, name: str, matrix: np.ndarray, labels: list[str], step: int) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+def _wandb_mode(mode: str) -> str:
+    """``auto`` is online only where credentials exist, so a run never blocks without a network."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    return "online" if has_key else "offline"
+
+
+class WandbLogger:
+    """One W&B run per training run; resumed runs continue the same W&B run (id kept in the folder)."""
+
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, project: str, entity: str | None, mode: str):
+        import wandb
+
+        self._wandb = wandb
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            mode=_wandb_mode(mode),
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            name=cfg["run_name"],
+            group=f"{cfg['experiment_name']}/{cfg['dataset']['name']}/{cfg['model_name']}/{cfg['method']['name']}",
+            job_type=cfg["experiment_name"],
+            tags=[
+                cfg["experiment_name"],
+                cfg["dataset"]["name"],
+                cfg["model_name"],
+                cfg["method"]["name"],
+                f"seed{cfg['seed']}",
+            ],
+            config=cfg,
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_matrix(self, name: str, matrix: np.ndarray, labels: list[str], step: int) -> None:
+        from alr.reporting.figures import heatmap_figure
+
+        table = self._wandb.Table(columns=["class", *labels], data=[[c, *row] for c, row in zip(labels, matrix.tolist())])
+        fig = heatmap_figure(matrix, labels, title=f"{name}, epoch {step}")
+        self.run.log({f"{name}/heatmap": self._wandb.Image(fig), f"{name}/matrix": table}, step=step)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def build_logger(cfg: dict[str, Any], run_dir: Path) -> NoLogger | WandbLogger:
+    lg = cfg["logger"]
+    if lg["name"] == "wandb":
+        return WandbLogger(cfg, run_dir, lg.get("project", "alr"), lg.get("entity"), lg.get("mode", "auto"))
+    return NoLogger()

@@ -1,0 +1,6 @@
+"""Training methods: the ALR loss family and the interface the trainer calls."""
+
+from alr.methods.alr_loss import ALRLoss, residual_index
+from alr.methods.supervised import CrossEntropy, StepOutput, Supervised
+
+__all__ = ["ALRLoss", "CrossEntropy", "StepOutput", "Supervised", "residual_index"]

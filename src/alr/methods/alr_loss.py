@@ -1,0 +1,130 @@
+"""Adaptive Regularization of Labels (ALR): the loss, as a drop-in ``nn.Module``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def residual_index(targets: Tensor, num_classes: int) -> Tensor:
+    """Column indices of each row's non-target classes, in class order: shape ``B×(K−1)``.
+
+    Column ``j`` of a residual row for label ``k`` is class ``j`` if ``j < k``, else ``j + 1``
+    (SPEC §1). Built per batch, never as a K×K matrix.
+    """
+    cols = torch.arange(num_classes - 1, device=targets.device)
+    return cols + (cols.unsqueeze(0) >= targets.unsqueeze(1)).long()
+
+
+class ALRLoss(nn.Module):
+    r"""Adaptive label regularization (Ding et al., "Adaptive Regularization of Labels", §3.2).
+
+    ``loss = criterion(logits, targets)`` returns
+
+    .. math:: L = L_{hard} + w\,L_{res} + L_{upd}, \qquad w = 1 - acc_{train}
+
+    * ``S`` (``K×(K−1)``, zeros at start, an ``nn.Parameter``) is the residual correlation
+      matrix, eq. 3; ``q_res = softmax(S[y])`` is the residual label.
+    * ``z_res`` is each row of the logits with its ground-truth column removed, the other
+      columns kept in class order; ``p_res = softmax(z_res)``.
+    * ``L_upd = −Σ p̂_res · log q_res`` (eq. 4): trains ``S`` only (``p̂`` detached).
+    * ``L_res = −Σ q̂_res · log p_res`` (eq. 5): trains the backbone only (``q̂`` detached).
+    * ``L_hard = CE(z, y)``, label-smoothed with ``label_smoothing`` for ALR-S.
+
+    Choices where the paper is silent (also in the README's "Deviations"):
+
+    * **Normalisation.** Eq. 4–5 write ``1/(K−1)`` and the CE of §3 ``1/K``, but the gradients of
+      eq. 7–8 carry no such factor. Default: plain cross entropy (sum over classes, mean over the
+      batch), which is what eq. 8 describes. ``class_mean=True`` applies the literal factors.
+    * **acc_train** (the weight of §3.2, "approximately" ``1 − acc_train``): the running top-1
+      accuracy of this epoch's training batches *including the current one*, from the same logits,
+      reset by :meth:`reset_epoch`. ``acc_source="batch"`` uses the current batch alone. The
+      counters are device tensors, so no host synchronisation happens per step.
+    * **Precision.** All of the loss is computed in float32 with autocast disabled, whatever the
+      logits' dtype, so fp16/bf16 training cannot overflow inside the softmaxes.
+    * ``S`` is trained by the run's own optimizer and schedule (its own parameter group; the
+      trainer gives it weight decay 0 unless configured), as the paper trains it jointly.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        label_smoothing: float = 0.0,
+        acc_source: str = "running",
+        class_mean: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"ALRLoss needs num_classes >= 2, got {num_classes}")
+        if acc_source not in ("running", "batch"):
+            raise ValueError(f"acc_source must be 'running' or 'batch', got {acc_source!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.acc_source = acc_source
+        self.class_mean = class_mean
+        self.S = nn.Parameter(torch.zeros(num_classes, num_classes - 1))
+        # Running counts of this epoch's correct predictions; buffers so they land in checkpoints.
+        self.register_buffer("correct", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
+        self.last_terms: dict[str, Tensor] = {}
+
+    def reset_epoch(self) -> None:
+        """Start a new epoch's running training accuracy."""
+        self.correct.zero_()
+        self.seen.zero_()
+
+    @property
+    def acc_train(self) -> Tensor:
+        """Running top-1 training accuracy of the current epoch (a 0-dim tensor)."""
+        return (self.correct / self.seen.clamp_min(1)).float()
+
+    def residual_labels(self) -> Tensor:
+        """``softmax(S)`` placed as a K×K matrix with a zero diagonal: row k = where class k's errors go."""
+        K = self.num_classes
+        q = torch.softmax(self.S.detach().float(), dim=1)
+        full = q.new_zeros(K, K)
+        rows = torch.arange(K, device=q.device)
+        full.scatter_(1, residual_index(rows, K), q)
+        return full
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            z = logits.float()
+            K = self.num_classes
+            l_hard = F.cross_entropy(z, targets, label_smoothing=self.label_smoothing)
+
+            with torch.no_grad():
+                correct = (z.argmax(dim=1) == targets).sum()
+                if self.acc_source == "batch":
+                    self.correct.zero_()
+                    self.seen.zero_()
+                self.correct += correct
+                self.seen += targets.numel()
+                w = 1.0 - self.acc_train
+
+            log_p_res = torch.log_softmax(z.gather(1, residual_index(targets, K)), dim=1)
+            log_q_res = torch.log_softmax(self.S[targets].float(), dim=1)
+            l_res = -(log_q_res.detach().exp() * log_p_res).sum(dim=1).mean()
+            l_upd = -(log_p_res.detach().exp() * log_q_res).sum(dim=1).mean()
+            if self.class_mean:
+                l_hard = l_hard / K
+                l_res = l_res / (K - 1)
+                l_upd = l_upd / (K - 1)
+
+            loss = l_hard + w * l_res + l_upd
+        self.last_terms = {
+            "L_hard": l_hard.detach(),
+            "L_res": l_res.detach(),
+            "L_upd": l_upd.detach(),
+            "w": w.detach(),
+        }
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, "
+            f"acc_source={self.acc_source!r}, class_mean={self.class_mean}"
+        )

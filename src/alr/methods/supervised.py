@@ -1,0 +1,68 @@
+"""A method is an ``nn.Module`` that turns a batch into a loss and the terms to log.
+
+The trainer knows nothing about any particular method: it calls ``method(model, inputs, targets)``
+and gets a :class:`StepOutput`. Extra parameters (ALR's ``S``, a peer network) belong to the
+method, so the optimizer and the checkpoint pick them up through ``method.parameters()`` and
+``method.state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor
+    logits: Tensor
+    terms: dict[str, Tensor]
+
+
+class CrossEntropy(nn.Module):
+    """Cross entropy with optional label smoothing (``baseline``: ε = 0; ``slr``: ε = 0.1).
+
+    Computed in float32 whatever the autocast dtype; ``label_smoothing`` has torch's semantics,
+    ``(1 − ε)·onehot(y) + ε/K``.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        self.last_terms = {"L_hard": loss.detach()}
+        return loss
+
+
+class Supervised(nn.Module):
+    """One network trained by a criterion on its own logits: ``baseline``, ``slr``, ``alr``, ``alr_s``."""
+
+    def __init__(self, criterion: nn.Module) -> None:
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
+        logits = model(inputs)
+        loss = self.criterion(logits, targets)
+        return StepOutput(loss, logits, self.criterion.last_terms)
+
+    def start_epoch(self) -> None:
+        """Called by the trainer before each training epoch."""
+        if hasattr(self.criterion, "reset_epoch"):
+            self.criterion.reset_epoch()
+
+    def snapshots(self) -> dict[str, Tensor]:
+        """Matrices the trainer saves every epoch (ALR: ``softmax(S)`` as K×K, Figure 3)."""
+        if hasattr(self.criterion, "residual_labels"):
+            return {"residual_labels": self.criterion.residual_labels()}
+        return {}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        """Logits used for evaluation."""
+        return model(inputs)
