@@ -150,6 +150,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
     params = {"backbone": count_params(model), "method": count_params(method)}
+    (run_dir / "classes.json").write_text(json.dumps(data.class_names) + "\n")
     logger = build_logger(plain_cfg, run_dir)
     write_json({"status": "running", "params": params}, result_path)
     steps = min(len(data.train), t.limit_train_batches or len(data.train))

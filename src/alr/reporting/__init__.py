@@ -1,0 +1,1 @@
+"""Tables and figures generated from run folders (never typed by hand)."""
