@@ -71,7 +71,9 @@ class WandbLogger:
     def log_matrix(self, name: str, matrix: np.ndarray, labels: list[str], step: int) -> None:
         from alr.reporting.figures import heatmap_figure
 
-        table = self._wandb.Table(columns=["class", *labels], data=[[c, *row] for c, row in zip(labels, matrix.tolist())])
+        table = self._wandb.Table(
+            columns=["class", *labels], data=[[c, *row] for c, row in zip(labels, matrix.tolist())]
+        )
         fig = heatmap_figure(matrix, labels, title=f"{name}, epoch {step}")
         self.run.log({f"{name}/heatmap": self._wandb.Image(fig), f"{name}/matrix": table}, step=step)
         import matplotlib.pyplot as plt

@@ -1,5 +1,8 @@
 """Backbones. Each is built by ``hydra.utils.instantiate(cfg.model)`` with the data set's class count."""
 
 from alr.models.digits_cnn import DigitsCNN
+from alr.models.preact_resnet import PreActResNet18
+from alr.models.resnet_cifar import ResNetCifar
+from alr.models.wide_resnet import WideResNet
 
-__all__ = ["DigitsCNN"]
+__all__ = ["DigitsCNN", "PreActResNet18", "ResNetCifar", "WideResNet"]

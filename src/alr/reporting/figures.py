@@ -57,8 +57,10 @@ def residual_label_panels(run: Run, epochs: list[int] | None, out: Path, panels:
         im = _draw(ax, run.snapshot(epoch), labels, f"epoch {epoch}{mu}")
         fig.colorbar(im, ax=ax, shrink=0.75)
     c = run.config
-    fig.suptitle(f"Residual labels softmax(S): {c['dataset']['name']}, {c['model_name']}, {c['method']['name']}, "
-                 f"seed {c['seed']}")
+    fig.suptitle(
+        f"Residual labels softmax(S): {c['dataset']['name']}, {c['model_name']}, {c['method']['name']}, "
+        f"seed {c['seed']}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -79,13 +79,15 @@ def demo_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
     rows = []
     for method in ("baseline", "slr", "alr", "alr_s"):
         cell = cells.get(("digits", "digits_cnn", method))
-        rows.append([
-            METHOD_LABELS[method],
-            format_acc(cell, seeds),
-            str(cell.n if cell else 0),
-            format_params(cell.params if cell else None),
-            significance(cells, "digits", "digits_cnn", method),
-        ])
+        rows.append(
+            [
+                METHOD_LABELS[method],
+                format_acc(cell, seeds),
+                str(cell.n if cell else 0),
+                format_params(cell.params if cell else None),
+                significance(cells, "digits", "digits_cnn", method),
+            ]
+        )
     wall = sum(r.result.get("wall_time_s", 0.0) for r in runs if r.status == "finished")
     devices = sorted({r.result.get("device", "?") for r in runs if r.status == "finished"})
     torch_versions = sorted({r.result.get("torch_version", "?") for r in runs if r.status == "finished"})

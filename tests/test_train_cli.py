@@ -1,0 +1,66 @@
+"""The real entry point, end to end on the CPU, and its errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_train
+
+FAST = ["debug=fast", "trainer.batch_size=32"]
+
+
+@pytest.mark.parametrize("method", ["baseline", "slr", "alr", "alr_s"])
+def test_entry_point_runs_every_method(tmp_path, method: str):
+    run_train(f"method={method}", *FAST, out=tmp_path)
+    run_dir = tmp_path / "default" / f"digits-digits_cnn-{method}-s0"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "finished"
+    assert result["method"] == method and result["model"] == "digits_cnn" and result["dataset"] == "digits"
+    assert result["params"]["method"] == (90 if method.startswith("alr") else 0)
+    assert 0.0 <= result["final_test_acc"] <= 100.0
+    lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert {"train/loss", "train/L_hard", "train/acc", "test/acc", "lr", "seconds"} <= set(lines[0])
+    assert (run_dir / "config.yaml").exists() and (run_dir / "last.pt").exists()
+    snaps = sorted((run_dir / "residual_labels").glob("*.npy")) if method.startswith("alr") else []
+    if method.startswith("alr"):
+        assert {"train/L_res", "train/L_upd", "train/w"} <= set(lines[0])
+        assert [p.name for p in snaps] == ["epoch_001.npy", "epoch_002.npy"]
+        m = np.load(snaps[-1])
+        assert m.shape == (10, 10) and np.allclose(np.diag(m), 0) and np.allclose(m.sum(1), 1, atol=1e-5)
+    else:
+        assert not (run_dir / "residual_labels").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(tmp_path, precision: str):
+    run_train("method=alr_s", f"trainer.precision={precision}", *FAST, out=tmp_path)
+    result = json.loads((tmp_path / "default" / "digits-digits_cnn-alr_s-s0" / "result.json").read_text())
+    assert result["status"] == "finished" and result["precision"] == precision
+
+
+def test_rerun_skips_a_finished_run(tmp_path):
+    run_train("method=baseline", *FAST, out=tmp_path)
+    proc = run_train("method=baseline", *FAST, out=tmp_path)
+    assert "finished already" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("dataset=mnist", "dataset"),
+        ("method=mixup", "method"),
+        ("trainer.epochs=-3", "trainer.epochs"),
+        ("trainer.precision=fp64", "trainer.precision"),
+    ],
+)
+def test_bad_config_exits_with_a_message_naming_the_key(tmp_path, override: str, needle: str):
+    proc = run_train(override, *FAST, out=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert override.split("=")[1] in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("last.pt"))
