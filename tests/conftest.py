@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 def run_train(*overrides: str, out: Path, multirun: bool = False, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real entry point ``python -m alr.train`` in a subprocess, writing runs under ``out``."""
     cmd = [sys.executable, "-m", "alr.train", *(["-m"] if multirun else []), f"paths.output_dir={out}", *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
