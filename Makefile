@@ -4,8 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
+SMOKE  ?=
+GPUS   ?=
+ARGS   ?=
+comma  := ,
 
-.PHONY: help install demo test lint format clean
+.PHONY: help install demo test lint format clean reproduce-table1 figure3
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -37,3 +41,41 @@ format: $(STAMP) ## apply ruff's formatting and import order
 clean: ## remove run folders and caches (keeps .venv and results/)
 	rm -rf $(RUNS) multirun outputs wandb .pytest_cache .ruff_cache
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+# SMOKE=1: the same grid, one epoch of two tiny batches per run, on the CPU, on sample files made from
+# scikit-learn's digits in each data set's real format; run folders and tables go under $(RUNS)/smoke.
+ifeq ($(SMOKE),1)
+GRID_RUNS := $(RUNS)/smoke
+GRID_OUT  := $(RUNS)/smoke/results
+GRID_ARGS := debug=smoke dataset.data_dir=$(RUNS)/smoke/data
+else
+GRID_RUNS := $(RUNS)
+GRID_OUT  := results
+GRID_ARGS :=
+endif
+
+# $(call sweep,EXPERIMENT): the experiment's Hydra multirun. With GPUS=0,1,... one multirun per GPU, each
+# training the jobs of its shard (job number mod the GPU count), logs in $(GRID_RUNS)/EXPERIMENT-shardI.log.
+define sweep
+$(if $(GPUS),@set -e; gpus="$(subst $(comma), ,$(GPUS))"; n=$$(echo $$gpus | wc -w); i=0; pids=""; \
+	mkdir -p $(GRID_RUNS); \
+	for g in $$gpus; do \
+		log=$(GRID_RUNS)/$(1)-shard$$i.log; echo "shard $$i/$$n on GPU $$g: $$log"; \
+		CUDA_VISIBLE_DEVICES=$$g $(PY) -m alr.train -m experiment=$(1) paths.output_dir=$(GRID_RUNS) \
+			$(GRID_ARGS) shard=$$i/$$n trainer.progress=false $(ARGS) > $$log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
+	done; \
+	status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status,\
+$(PY) -m alr.train -m experiment=$(1) paths.output_dir=$(GRID_RUNS) $(GRID_ARGS) $(ARGS))
+endef
+
+reproduce-table1: $(STAMP) ## Table 1: 80 CIFAR runs, then results/table1.md (SMOKE=1: on the CPU in minutes; GPUS=0,1,..)
+ifeq ($(SMOKE),1)
+	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data cifar10 cifar100
+endif
+	$(call sweep,table1)
+	$(PY) -m alr.report table1 --runs $(GRID_RUNS)/table1 --out $(GRID_OUT)
+
+FIG3_RUN    ?= $(GRID_RUNS)/table1/cifar10-preact_resnet18-alr-s0
+FIG3_EPOCHS ?=
+figure3: $(STAMP) ## Figure 3: residual labels of a CIFAR-10 ALR run at several epochs (FIG3_RUN=, FIG3_EPOCHS=1,60,160,300)
+	$(PY) -m alr.report figure3 --run $(FIG3_RUN) --out $(GRID_OUT)/figure3.png $(if $(FIG3_EPOCHS),--epochs $(FIG3_EPOCHS))

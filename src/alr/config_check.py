@@ -46,9 +46,24 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("method.name", f"unknown method {cfg.method.name!r}", f"Use one of {', '.join(METHODS)}.")
     if not _positive_int(cfg.dataset.num_classes) or cfg.dataset.num_classes < 2:
         raise ConfigError("dataset.num_classes", f"must be an integer >= 2, got {cfg.dataset.num_classes!r}", "")
+    if cfg.get("shard") is not None:
+        parse_shard(cfg.shard)
     if cfg.get("config_version") != CONFIG_VERSION:
         raise ConfigError(
             "config_version",
             f"this config is version {cfg.get('config_version')!r}, the suite reads version {CONFIG_VERSION}",
             "Recompose the run from this version's configs/ (python -m alr.train ...).",
         )
+
+
+def parse_shard(value: Any) -> tuple[int, int]:
+    """``"i/n"`` as ``(i, n)`` with ``0 <= i < n``; a :class:`ConfigError` naming ``shard`` otherwise."""
+    try:
+        index, count = (int(part) for part in str(value).split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ConfigError(
+            "shard", f"must be 'i/n' with 0 <= i < n, got {value!r}", "For 4 GPUs: shard=0/4 ... shard=3/4."
+        )
+    return index, count

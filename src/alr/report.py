@@ -1,14 +1,15 @@
-"""Generate tables and figures from run folders: ``python -m alr.report demo``."""
+"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,figure3}``."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from alr.reporting.figures import residual_label_panels
-from alr.reporting.runs import load_runs
-from alr.reporting.tables import demo_table
+from alr.reporting.runs import load_run, load_runs
+from alr.reporting.tables import demo_table, table1
 
 
 def demo(runs_dir: Path, out_dir: Path) -> None:
@@ -22,15 +23,59 @@ def demo(runs_dir: Path, out_dir: Path) -> None:
         print(f"wrote {out_dir / 'table.md'}, {out_dir / 'table.csv'} and {png}")
 
 
+def table1_report(runs_dir: Path, out_dir: Path, command: str) -> None:
+    """``out_dir/table1.{md,csv}``: every cell of Table 1, "not run" where no run finished."""
+    runs = load_runs(runs_dir) if runs_dir.exists() else []
+    if not runs:
+        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table1 trains them)")
+    print(table1(runs, out_dir / "table1.md", command=command))
+    print(f"wrote {out_dir / 'table1.md'} and {out_dir / 'table1.csv'}")
+
+
+def figure3(run_dir: Path, epochs: list[int] | None, panels: int, out: Path) -> None:
+    """Figure 3: the residual labels of one ALR run at several epochs side by side."""
+    if not (run_dir / "config.yaml").is_file():
+        sys.exit(
+            f"error: {run_dir} is not a run folder (no config.yaml). Train it first, e.g. `make reproduce-table1` "
+            "or python -m alr.train experiment=table1 dataset=cifar10 model=preact_resnet18 method=alr seed=0; "
+            "or pick another run with --run (make figure3 FIG3_RUN=...)."
+        )
+    try:
+        png = residual_label_panels(load_run(run_dir), epochs, out, panels=panels)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {png}")
+
+
+def _epochs(text: str) -> list[int]:
+    try:
+        return [int(e) for e in text.split(",") if e]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--epochs takes comma-separated integers, e.g. 1,60,160,300; got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alr.report", description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("demo", help="the embedded default's table and residual-label heatmap")
     p.add_argument("--runs", type=Path, default=Path("runs/demo"))
     p.add_argument("--out", type=Path, default=Path("results/demo"))
+    p = sub.add_parser("table1", help="Table 1 (CIFAR) beside the paper's numbers: table1.md and table1.csv")
+    p.add_argument("--runs", type=Path, default=Path("runs/table1"))
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p = sub.add_parser("figure3", help="Figure 3: one ALR run's residual labels at several epochs")
+    p.add_argument("--run", type=Path, default=Path("runs/table1/cifar10-preact_resnet18-alr-s0"))
+    p.add_argument("--epochs", type=_epochs, default=None, help="e.g. 1,60,160,300 (default: spread over the run)")
+    p.add_argument("--panels", type=int, default=4, help="how many epochs when --epochs is not given")
+    p.add_argument("--out", type=Path, default=Path("results/figure3.png"))
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "alr.report", *(sys.argv[1:] if argv is None else argv)])
     if args.what == "demo":
         demo(args.runs, args.out)
+    elif args.what == "table1":
+        table1_report(args.runs, args.out, command)
+    elif args.what == "figure3":
+        figure3(args.run, args.epochs, args.panels, args.out)
 
 
 if __name__ == "__main__":

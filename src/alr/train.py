@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from alr.checkpoint import write_json
-from alr.config_check import ConfigError, validate
+from alr.config_check import ConfigError, parse_shard, validate
 from alr.trainer import NonFiniteLossError, fit
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -24,6 +24,10 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if cfg.shard is not None and HydraConfig.get().mode.name == "MULTIRUN":
+        index, count = parse_shard(cfg.shard)
+        if HydraConfig.get().job.num % count != index:
+            return None  # another shard's job
     try:
         result = fit(cfg, run_dir)
     except NonFiniteLossError as e:

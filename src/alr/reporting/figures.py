@@ -58,8 +58,9 @@ def residual_label_panels(run: Run, epochs: list[int] | None, out: Path, panels:
         fig.colorbar(im, ax=ax, shrink=0.75)
     c = run.config
     fig.suptitle(
-        f"Residual labels softmax(S): {c['dataset']['name']}, {c['model_name']}, {c['method']['name']}, "
-        f"seed {c['seed']}"
+        f"Residual labels softmax(S)\n{c['dataset']['name']}, {c['model_name']}, {c['method']['name']}, "
+        f"seed {c['seed']}",
+        fontsize=11,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -47,14 +47,23 @@ class Run:
         return np.load(self.path / name / f"epoch_{epoch:03d}.npy")
 
 
+def load_run(path: Path | str) -> Run:
+    """The run in folder ``path`` (it holds the ``config.yaml`` the trainer writes)."""
+    path = Path(path)
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    result_path = path / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    return Run(path, config, result)
+
+
 def load_runs(root: Path | str) -> list[Run]:
-    """Every run folder under ``root`` (a folder holding ``config.yaml``), sorted by path."""
-    runs = []
-    for cfg_path in sorted(Path(root).rglob("config.yaml")):
-        if cfg_path.parent.name == ".hydra":
-            continue
-        config = yaml.safe_load(cfg_path.read_text())
-        result_path = cfg_path.parent / "result.json"
-        result = json.loads(result_path.read_text()) if result_path.exists() else {}
-        runs.append(Run(cfg_path.parent, config, result))
-    return runs
+    """Every run folder under ``root`` (a folder holding ``config.yaml``), sorted by path.
+
+    Hydra's ``.hydra/config.yaml`` and W&B's ``wandb/.../config.yaml`` inside a run folder are not runs.
+    """
+    root = Path(root)
+    return [
+        load_run(p.parent)
+        for p in sorted(root.rglob("config.yaml"))
+        if not {".hydra", "wandb"} & set(p.relative_to(root).parts[:-1])
+    ]

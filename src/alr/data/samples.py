@@ -1,0 +1,89 @@
+"""Tiny data sets in the real on-disk formats, made from scikit-learn's digits: for smoke runs of a table's grid.
+
+A smoke run (``make reproduce-table1 SMOKE=1``) must read its data through the real loaders, so these
+writers produce byte-for-byte the layouts the loaders expect, filled with real images that ship with
+scikit-learn (nothing is downloaded): each 8×8 digit is scaled up to 32×32 and repeated over three
+channels. The digit is the label, so CIFAR-100's files use classes 0–9 of its 100.
+
+    python -m alr.data.samples --out runs/smoke/data cifar10 cifar100
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from alr.data.cifar import LAYOUTS
+
+
+def digit_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` digits as ``uint8 n×3×size×size`` images (nearest-neighbour upscaling) and their labels."""
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))[:n]
+    if len(order) < n:
+        raise ValueError(f"scikit-learn's digits hold {len(digits.target)} images; asked for {n}")
+    small = (digits.images[order] * (255.0 / 16.0)).round().astype(np.uint8)
+    scale = -(-size // 8)
+    big = small.repeat(scale, axis=1).repeat(scale, axis=2)[:, :size, :size]
+    return np.repeat(big[:, None], 3, axis=1), digits.target[order].astype(np.int64)
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with path.open("wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar(root: str | Path, name: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
+    """Write ``name`` (cifar10 or cifar100) under ``root`` in torchvision's layout; return its folder.
+
+    CIFAR-10 gets five ``data_batch_*`` files, a ``test_batch`` and ``batches.meta``; CIFAR-100 gets
+    ``train``, ``test`` and ``meta`` with fine and coarse labels, as in the official python release.
+    """
+    layout = LAYOUTS[name]
+    folder = Path(root) / layout.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = digit_images(n_train + n_test, seed=seed)
+    x = x.reshape(len(x), -1)
+    x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    names = [f"digit {d}" for d in range(10)] + [f"unused {k}" for k in range(10, layout.num_classes)]
+    if name == "cifar10":
+        bounds = np.linspace(0, n_train, len(layout.train_files) + 1).astype(int)
+        for i, file in enumerate(layout.train_files):
+            rows = slice(bounds[i], bounds[i + 1])
+            _dump(
+                folder / file,
+                {b"batch_label": file.encode(), b"labels": y_train[rows].tolist(), b"data": x_train[rows]},
+            )
+        _dump(folder / "test_batch", {b"batch_label": b"test_batch", b"labels": y_test.tolist(), b"data": x_test})
+        _dump(folder / layout.meta_file, {b"label_names": [n.encode() for n in names], b"num_vis": 3072})
+    else:
+        for file, xs, ys in (("train", x_train, y_train), ("test", x_test, y_test)):
+            _dump(folder / file, {b"fine_labels": ys.tolist(), b"coarse_labels": (ys // 5).tolist(), b"data": xs})
+        coarse = [f"group {k}" for k in range(20)]
+        _dump(
+            folder / layout.meta_file, {b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": coarse}
+        )
+    return folder
+
+
+WRITERS = {"cifar10": write_cifar, "cifar100": write_cifar}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m alr.data.samples", description=__doc__.split("\n")[0])
+    parser.add_argument("datasets", nargs="+", choices=sorted(WRITERS))
+    parser.add_argument("--out", type=Path, required=True, help="folder to write into (dataset.data_dir)")
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=50)
+    args = parser.parse_args(argv)
+    for name in args.datasets:
+        folder = WRITERS[name](args.out, name, args.n_train, args.n_test)
+        print(f"wrote {args.n_train} + {args.n_test} digit images as {name} into {folder}")
+
+
+if __name__ == "__main__":
+    main()
