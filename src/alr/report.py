@@ -51,7 +51,8 @@ def _epochs(text: str) -> list[int]:
     try:
         return [int(e) for e in text.split(",") if e]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--epochs takes comma-separated integers, e.g. 1,60,160,300; got {text!r}") from None
+        message = f"--epochs takes comma-separated integers, e.g. 1,60,160,300; got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def main(argv: list[str] | None = None) -> None:
