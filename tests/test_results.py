@@ -11,7 +11,7 @@ import pytest
 
 from alr.report import main
 from alr.reporting.grid import expected_grid
-from conftest import ROOT, run_train
+from conftest import CONFIGS, ROOT, run_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -20,6 +20,13 @@ def test_expected_grid_is_read_from_the_experiments_sweep():
     grid = expected_grid("demo")
     assert grid.cells == [("digits", "digits_cnn", m) for m in ("baseline", "slr", "alr", "alr_s")]
     assert grid.seeds == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+def test_every_experiment_has_a_grid_of_cells_and_seeds(name: str):
+    grid = expected_grid(name)
+    assert grid.cells and grid.seeds
+    assert len(set(grid.cells)) == len(grid.cells) and all(len(cell) == 3 and all(cell) for cell in grid.cells)
 
 
 @pytest.mark.slow
