@@ -9,7 +9,11 @@ GPUS   ?=
 ARGS   ?=
 comma  := ,
 
+<<<<<<< HEAD
 .PHONY: help install demo test lint format clean reproduce-table1 figure3
+=======
+.PHONY: help install demo plots results wandb-sync test lint format clean
+>>>>>>> cmp
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -26,6 +30,16 @@ demo: $(STAMP) ## main job: 4 methods x 3 seeds on scikit-learn digits (CPU), th
 	$(PY) -m alr.train -m experiment=demo paths.output_dir=$(RUNS)
 	$(PY) -m alr.report demo --runs $(RUNS)/demo --out results/demo
 	$(PY) scripts/sync_readme.py
+
+plots: $(STAMP) ## learning curves per table cell and residual-label heatmaps from the run folders, into results/plots/
+	$(PY) -m alr.report plots --runs $(RUNS) --out results/plots
+
+results: $(STAMP) ## every table and plot the run folders allow (results/), then the cells still missing
+	$(PY) -m alr.report all --runs $(RUNS) --out results
+	$(PY) scripts/sync_readme.py
+
+wandb-sync: $(STAMP) ## upload the W&B runs written offline in the run folders (needs `wandb login`)
+	$(PY) -m alr.wandb_sync --runs $(RUNS)
 
 test: $(STAMP) ## run the test suite on the CPU (no GPU, no download)
 	$(PY) -m pytest -n 2 --durations=8

@@ -22,17 +22,21 @@ class NoLogger:
         pass
 
 
+def has_credentials() -> bool:
+    """A W&B API key in the environment or in ``~/.netrc`` (where ``wandb login`` puts it)."""
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+
+
 def _wandb_mode(mode: str) -> str:
     """``auto`` is online only where credentials exist, so a run never blocks without a network."""
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
-        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-    )
-    return "online" if has_key else "offline"
+    return "online" if has_credentials() else "offline"
 
 
 class WandbLogger:
@@ -43,8 +47,7 @@ class WandbLogger:
 
         self._wandb = wandb
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-        id_file.write_text(run_id)
+        run_id = id_file.read_text().strip() if id_file.exists() else None  # None: W&B picks a new id
         self.run = wandb.init(
             project=project,
             entity=entity,
@@ -64,6 +67,7 @@ class WandbLogger:
             ],
             config=cfg,
         )
+        id_file.write_text(self.run.id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)

@@ -1,15 +1,19 @@
-"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,figure3}``."""
+"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,figure3,plots,all}``."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from alr.reporting.figures import residual_label_panels
+from alr.reporting.grid import expected_grid, missing_cells
+from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
 from alr.reporting.tables import demo_table, table1
+from alr.train import CONFIG_DIR
 
 
 def demo(runs_dir: Path, out_dir: Path) -> None:
@@ -23,7 +27,7 @@ def demo(runs_dir: Path, out_dir: Path) -> None:
         print(f"wrote {out_dir / 'table.md'}, {out_dir / 'table.csv'} and {png}")
 
 
-def table1_report(runs_dir: Path, out_dir: Path, command: str) -> None:
+def table1_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
     """``out_dir/table1.{md,csv}``: every cell of Table 1, "not run" where no run finished."""
     runs = load_runs(runs_dir) if runs_dir.exists() else []
     if not runs:
@@ -55,6 +59,42 @@ def _epochs(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+# Experiment name (configs/experiment/<name>.yaml) -> builder(runs_dir, out_dir) of its tables and figures, and
+# the folder under results/ it writes into. `all` calls each builder whose runs/<name>/ holds run folders.
+REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {"demo": (demo, "demo"), "table1": (table1_report, "")}
+
+
+def plots(runs_dir: Path, out_dir: Path) -> None:
+    written = write_plots(load_runs(runs_dir), out_dir)
+    if not written:
+        sys.exit(f"error: no finished run folders under {runs_dir}; train some first (e.g. make demo)")
+    print("wrote " + ", ".join(map(str, written)))
+
+
+def build_all(runs_root: Path, results: Path) -> list[str]:
+    """Every registered report and every plot for which run folders exist; return the cells still missing."""
+    for name, (build, out_dir) in REPORTS.items():
+        if load_runs(runs_root / name):
+            print(f"== {name}")
+            build(runs_root / name, results / out_dir)
+        else:
+            print(f"== {name}: no run folders under {runs_root / name}, skipped")
+    runs = load_runs(runs_root)
+    written = write_plots(runs, results / "plots")
+    print(f"== plots: {len(written)} PNG files under {results / 'plots'}")
+    missing = []
+    for config in sorted(Path(CONFIG_DIR, "experiment").glob("*.yaml")):
+        grid = expected_grid(config.stem)
+        lines = missing_cells(grid, runs)
+        if len(lines) == len(grid.cells) and not any(r.config.get("experiment_name") == grid.experiment for r in runs):
+            lines = [
+                f"{grid.experiment}: nothing run yet ({len(grid.cells)} cells × {len(grid.seeds)} seeds; "
+                f"python -m alr.train -m experiment={grid.experiment})"
+            ]
+        missing += lines
+    return missing
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alr.report", description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -69,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=_epochs, default=None, help="e.g. 1,60,160,300 (default: spread over the run)")
     p.add_argument("--panels", type=int, default=4, help="how many epochs when --epochs is not given")
     p.add_argument("--out", type=Path, default=Path("results/figure3.png"))
+    p = sub.add_parser("plots", help="learning curves per table cell and residual-label heatmaps (PNG)")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--out", type=Path, default=Path("results/plots"))
+    p = sub.add_parser("all", help="every table and plot for which run folders exist, then the missing cells")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "alr.report", *(sys.argv[1:] if argv is None else argv)])
     if args.what == "demo":
@@ -77,6 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         table1_report(args.runs, args.out, command)
     elif args.what == "figure3":
         figure3(args.run, args.epochs, args.panels, args.out)
+    elif args.what == "plots":
+        plots(args.runs, args.out)
+    else:
+        missing = build_all(args.runs, args.out)
+        print("== missing cells (experiment / dataset / model / method)")
+        print("\n".join(f"  {line}" for line in missing) if missing else "  none: every cell has all its seeds")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ def _draw(ax, matrix: np.ndarray, labels: list[str], title: str, vmax: float | N
     """One K×K residual-label matrix with the diagonal blank; row k = where class k's errors go."""
     k = len(matrix)
     masked = np.ma.masked_where(np.eye(k, dtype=bool), matrix)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     im = ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=vmax)
     if labels and k <= 20:
         ax.set_xticks(range(k), labels, rotation=90, fontsize=8)

@@ -28,29 +28,35 @@ class Cell:
 
     @property
     def std(self) -> float:
-        return float(np.std(self.values, ddof=1)) if self.n >= 2 else math.nan
+        """Sample std (ddof 1); exactly 0 when every seed gave the same value (accuracies are quantised)."""
+        if self.n < 2:
+            return math.nan
+        return 0.0 if np.ptp(self.values) == 0 else float(np.std(self.values, ddof=1))
 
 
 @dataclass
 class Comparison:
     diff: float
-    p_value: float | None  # None when either side has fewer than 2 seeds
+    p_value: float | None  # None: fewer than 2 seeds on a side, or no spread on either side (t undefined)
 
     def format(self, alpha: float = 0.05) -> str:
         if self.p_value is None:
-            return f"{self.diff:+.2f} (n/a)"
+            return f"{self.diff:+.2f} (p n/a)"
         mark = " *" if self.p_value < alpha else ""
-        return f"{self.diff:+.2f} (p={self.p_value:.3f}){mark}"
+        p = f"p={self.p_value:.3f}" if self.p_value >= 0.001 else "p<0.001"
+        return f"{self.diff:+.2f} ({p}){mark}"
 
 
 def welch(a: Cell, b: Cell) -> Comparison | None:
-    """``mean(a) − mean(b)`` and Welch's two-sided t-test p-value (needs 2 seeds on each side)."""
+    """``mean(a) − mean(b)`` and the two-sided p-value of Welch's t-test; None when a side has no value.
+
+    The p-value needs 2 seeds on each side and some spread on at least one side: where every seed of
+    both cells gave the same accuracy, Welch's t is 0/0 or ±∞ and no p-value is claimed.
+    """
     if not a.n or not b.n:
         return None
-    if a.n < 2 or b.n < 2:
-        return Comparison(a.mean - b.mean, None)
-    if np.var(a.values) == 0 and np.var(b.values) == 0:
-        p = 1.0 if a.mean == b.mean else 0.0
-    else:
-        p = float(stats.ttest_ind(a.values, b.values, equal_var=False).pvalue)
-    return Comparison(a.mean - b.mean, p)
+    diff = a.mean - b.mean
+    if a.n < 2 or b.n < 2 or a.std == b.std == 0.0:
+        return Comparison(diff, None)
+    test = stats.ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False)
+    return Comparison(diff, float(test.pvalue))

@@ -1,0 +1,82 @@
+"""The runs an experiment expects, read from its own sweep (``configs/experiment/<name>.yaml``), and which
+of its cells still miss seeds: so the grid of a table is typed once, in the file that launches it."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from alr.reporting.runs import Run
+from alr.train import CONFIG_DIR
+
+CellKey = tuple[str, str, str]  # (dataset name, model, method name), as in Run.key
+GRID_KEYS = ("dataset", "model", "method")
+
+
+@dataclass
+class Grid:
+    experiment: str
+    cells: list[CellKey]
+    seeds: list[int]
+
+
+def _compose(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def _values(params: dict[str, str]) -> dict[str, list[str]]:
+    """Each swept key's values, parsed as Hydra's basic sweeper parses them (``a,b``, ``range(0,5)``...)."""
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return {
+        o.get_key_element(): list(o.sweep_string_iterator())
+        if o.is_sweep_override()
+        else [o.get_value_element_as_str()]
+        for o in parsed
+    }
+
+
+def expected_grid(experiment: str) -> Grid:
+    """The (dataset, model, method) cells and seeds of ``experiment``'s ``hydra.sweeper.params``.
+
+    A key the sweep leaves out takes the experiment's composed value (the demo fixes dataset and model).
+    Cells are named as run folders name them (``dataset.name``, the model option, ``method.name``).
+    """
+    cfg = _compose([f"experiment={experiment}"])
+    values = _values(dict(cfg.hydra.sweeper.params or {}))
+    choices = cfg.hydra.runtime.choices
+    axes = [values.get(k, [choices[k]]) for k in GRID_KEYS]
+    cells = []
+    for dataset, model, method in itertools.product(*axes):
+        run_cfg = _compose([f"experiment={experiment}", f"dataset={dataset}", f"model={model}", f"method={method}"])
+        cells.append((run_cfg.dataset.name, model, run_cfg.method.name))
+    seeds = [int(s) for s in values.get("seed", [str(cfg.seed)])]
+    GlobalHydra.instance().clear()
+    return Grid(experiment, cells, seeds)
+
+
+def missing_cells(grid: Grid, runs: list[Run]) -> list[str]:
+    """One line per cell with fewer finished seeds than the grid expects: which seeds, and why."""
+    status = {(r.key, r.seed): r.status for r in runs if r.config.get("experiment_name") == grid.experiment}
+    lines = []
+    for cell in grid.cells:
+        finished = [s for s in grid.seeds if status.get((cell, s)) == "finished"]
+        if len(finished) == len(grid.seeds):
+            continue
+        failed = [s for s in grid.seeds if status.get((cell, s)) == "failed"]
+        running = [s for s in grid.seeds if status.get((cell, s)) == "running"]
+        absent = [s for s in grid.seeds if (cell, s) not in status]
+        why = [
+            f"{label} {', '.join(map(str, seeds))}"
+            for label, seeds in (("failed:", failed), ("unfinished:", running), ("not run:", absent))
+            if seeds
+        ]
+        lines.append(
+            f"{grid.experiment} / {' / '.join(cell)}: {len(finished)}/{len(grid.seeds)} seeds ({'; '.join(why)})"
+        )
+    return lines
