@@ -115,7 +115,7 @@ def test_table1_cells_from_run_folders(tmp_path: Path):
         "1/5",
         "78.15 ± 0.27",
         "-0.15",
-        "+0.60 (n/a)",
+        "+0.60 (p n/a)",
     ]
     assert _row(text, "CIFAR-100", "PreAct ResNet-18", "SLR")[3:5] == ["failed (1)", "0/5"]
     assert _row(text, "CIFAR-10", "WRN-28-10", "ALR")[3:8] == ["not run", "0/5", "96.35 ± 0.11", "—", "n/a"]
