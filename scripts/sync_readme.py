@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # marker name -> generated file whose body (without its "# title" line) goes between the markers
-SOURCES = {"demo-table": "results/demo/table.md"}
+SOURCES = {"demo-table": "results/demo/table.md", "table1": "results/table1.md"}
 
 
 def sync(readme: Path = ROOT / "README.md") -> list[str]:
