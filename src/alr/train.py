@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 
 from alr.checkpoint import write_json
 from alr.config_check import ConfigError, validate
+from alr.errors import RunError
+from alr.preempt import Interrupted
 from alr.trainer import NonFiniteLossError, fit
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -32,6 +34,12 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode.name == "MULTIRUN":
             return None  # the sweep goes on with the other jobs; the tables show this cell as failed
         sys.exit(1)
+    except RunError as e:  # bad data, checkpoint, run folder, full disk: nothing was written over
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:  # a stop signal: last.pt is written; requeue (submitit) or exit
+        print(f"[alr] {cfg.run_name}: {e}; rerun the same command to resume", file=sys.stderr)
+        e.hand_over()
     print(
         f"[alr] {cfg.run_name}: test accuracy {result['final_test_acc']:.2f}% after {result['epochs']} epochs "
         f"(best {result['best_test_acc']:.2f}% at epoch {result['best_epoch']}) -> {run_dir}"
