@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from alr import CONFIG_VERSION
+import alr
 from alr.errors import CheckpointError, DiskFullError
 
 # What the trainer writes; a file without these keys is not one of this suite's checkpoints.
@@ -89,10 +89,10 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this suite (missing {', '.join(missing)}). {fresh}")
     version = ckpt["config"].get("config_version") if isinstance(ckpt["config"], dict) else None
-    if version != CONFIG_VERSION:
+    if version != alr.CONFIG_VERSION:
         raise CheckpointError(
             f"{path} was written by alr {ckpt['alr_version']} with config version {version!r}; this suite "
-            f"reads version {CONFIG_VERSION}. Resume it with that version of the suite, or start fresh in "
+            f"reads version {alr.CONFIG_VERSION}. Resume it with that version of the suite, or start fresh in "
             "another folder (a different experiment_name or hydra.run.dir)."
         )
     return ckpt

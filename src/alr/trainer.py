@@ -154,7 +154,7 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
+def prepare_run_dir(run_dir: Path) -> None:
     """Create ``run_dir`` and make sure a file can be written there."""
     fix = "Point paths.output_dir (or hydra.run.dir) at a folder you can write to."
     try:
@@ -192,7 +192,7 @@ def _check_same_run(run_dir: Path, plain_cfg: dict[str, Any]) -> None:
         )
 
 
-def _build(node: DictConfig, what: str, **kwargs: Any) -> Any:
+def _build(node: DictConfig, what: str | None, **kwargs: Any) -> Any:
     """``instantiate`` with the errors a user can fix (missing files, bad data) as one-line :class:`RunError`."""
     try:
         return instantiate(node, **kwargs)
@@ -203,7 +203,7 @@ def _build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         if isinstance(cause, RunError):
             raise cause from None
         if isinstance(cause, (OSError, ValueError)):
-            raise RunError(f"{what}: {cause}") from e
+            raise RunError(f"{what}: {cause}" if what else str(cause)) from e
         raise
 
 
@@ -260,7 +260,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     result_path, ckpt_path, metrics_path = run_dir / "result.json", run_dir / "last.pt", run_dir / "metrics.jsonl"
     t = cfg.trainer
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    _prepare_run_dir(run_dir)
+    prepare_run_dir(run_dir)
     if t.resume:
         _check_same_run(run_dir, plain_cfg)
         if result_path.exists() and json.loads(result_path.read_text()).get("status") == "finished":
@@ -270,9 +270,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # --- set-up (nothing is written until everything that can refuse the run has been checked) ---
     seed_everything(cfg.seed, t.deterministic)
     device = pick_device(str(t.device))
-    data = _build(
-        cfg.dataset.build, f"dataset '{cfg.dataset.name}'", batch_size=t.batch_size, device=device, seed=cfg.seed
-    )
+    data = _build(cfg.dataset.build, None, batch_size=t.batch_size, device=device, seed=cfg.seed)
     if data.num_classes != cfg.dataset.num_classes:
         raise RunError(
             f"config key 'dataset.num_classes' is {cfg.dataset.num_classes} but the {cfg.dataset.name} data has "
@@ -308,7 +306,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(
-                f"{ckpt_path} does not fit this run's model, method or optimizer ({str(e).splitlines()[0][:160]}). "
+                f"{ckpt_path} does not fit this run's model, method or optimizer ({' '.join(str(e).split())[:240]}). "
                 "Move it away to train from scratch, or set trainer.resume=false."
             ) from e
         set_rng_state(ckpt["rng"])
