@@ -33,6 +33,9 @@ CHECKPOINT_KEYS = (
     "alr_version",
 )
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
@@ -41,6 +44,7 @@ def _atomic(path: Path, write) -> None:
     except OSError as e:
         raise _os_error(path, e) from e
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
