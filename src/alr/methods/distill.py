@@ -25,6 +25,30 @@ def kl_to(log_p_student: Tensor, log_p_target: Tensor) -> Tensor:
     return F.kl_div(log_p_student, log_p_target, reduction="batchmean", log_target=True)
 
 
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float, temperature: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(1−α)·CE(z_s, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` in float32, and its terms."""
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        z_s, z_t, T = student_logits.float(), teacher_logits.float().detach(), temperature
+        ce = F.cross_entropy(z_s, targets)
+        kl = kl_to(F.log_softmax(z_s / T, dim=1), F.log_softmax(z_t / T, dim=1))
+        loss = (1 - alpha) * ce + alpha * T * T * kl
+    return loss, {"L_hard": ce.detach(), "L_kd": kl.detach()}
+
+
+def dml_loss(logits: Tensor, peer_logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """``L_1 + L_2`` with ``L_i = CE(z_i, y) + KL(p_j ‖ p_i)``, ``p_j`` detached, in float32, and the four terms."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        z1, z2 = logits.float(), peer_logits.float()
+        log_p1, log_p2 = F.log_softmax(z1, dim=1), F.log_softmax(z2, dim=1)
+        ce1, ce2 = F.cross_entropy(z1, targets), F.cross_entropy(z2, targets)
+        kl1, kl2 = kl_to(log_p1, log_p2.detach()), kl_to(log_p2, log_p1.detach())
+        loss = ce1 + kl1 + ce2 + kl2
+    terms = {"L_hard": ce1, "L_kl": kl1, "peer_L_hard": ce2, "peer_L_kl": kl2}
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
 def load_teacher(teacher_run: str | Path | None, dataset: str, num_classes: int) -> nn.Module:
     """The backbone of a finished run folder, built from its ``config.yaml`` with the weights of its ``last.pt``."""
     how = (
@@ -89,15 +113,6 @@ class KnowledgeDistillation(nn.Module):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def loss(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and its terms from both networks' logits."""
-        with torch.autocast(device_type=student_logits.device.type, enabled=False):
-            z_s, z_t, T = student_logits.float(), teacher_logits.float(), self.temperature
-            ce = F.cross_entropy(z_s, targets)
-            kl = kl_to(F.log_softmax(z_s / T, dim=1), F.log_softmax(z_t / T, dim=1))
-            loss = (1 - self.alpha) * ce + self.alpha * T * T * kl
-        return loss, {"L_hard": ce.detach(), "L_kd": kl.detach()}
-
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         teacher = self.teacher
         if next(teacher.parameters()).device != inputs.device:  # .to() on this module does not reach it
@@ -105,7 +120,7 @@ class KnowledgeDistillation(nn.Module):
         with torch.no_grad():
             teacher_logits = teacher(inputs)
         logits = model(inputs)
-        loss, terms = self.loss(logits, teacher_logits, targets)
+        loss, terms = kd_loss(logits, teacher_logits, targets, self.alpha, self.temperature)
         return StepOutput(loss, logits, terms)
 
     def start_epoch(self) -> None:
@@ -146,21 +161,9 @@ class DeepMutualLearning(nn.Module):
         super().__init__()
         self.peer = peer
 
-    @staticmethod
-    def loss(logits: Tensor, peer_logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L_1 + L_2`` and the four terms, from both networks' logits."""
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            z1, z2 = logits.float(), peer_logits.float()
-            log_p1, log_p2 = F.log_softmax(z1, dim=1), F.log_softmax(z2, dim=1)
-            ce1, ce2 = F.cross_entropy(z1, targets), F.cross_entropy(z2, targets)
-            kl1, kl2 = kl_to(log_p1, log_p2.detach()), kl_to(log_p2, log_p1.detach())
-            loss = ce1 + kl1 + ce2 + kl2
-        terms = {"L_hard": ce1, "L_kl": kl1, "peer_L_hard": ce2, "peer_L_kl": kl2}
-        return loss, {k: v.detach() for k, v in terms.items()}
-
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         logits = model(inputs)
-        loss, terms = self.loss(logits, self.peer(inputs), targets)
+        loss, terms = dml_loss(logits, self.peer(inputs), targets)
         return StepOutput(loss, logits, terms)
 
     def start_epoch(self) -> None:
