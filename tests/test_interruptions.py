@@ -10,12 +10,13 @@ import time
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from alr.checkpoint import stale_temporaries
 from alr.preempt import Interrupted
 from alr.reporting.runs import load_runs
 from alr.reporting.tables import collect, format_acc
-from conftest import ROOT, run_train
+from conftest import ROOT, compose, run_train
 from faults import faulty
 
 FAST = ["debug=fast", "trainer.batch_size=32"]
@@ -115,3 +116,18 @@ def test_stale_temporary_files_are_removed_when_a_run_resumes(tmp_path):
     run_train("method=baseline", *FAST, "trainer.epochs=1", out=tmp_path)
     assert not stale.exists() and (run_dir / "last.pt").exists()
     assert oct((run_dir / "last.pt").stat().st_mode & 0o777) != oct(0o600)  # not private to the writer
+
+
+def test_slurm_launcher_config_requeues_on_timeout_and_is_checkpointable():
+    import submitit
+    from hydra.core.hydra_config import HydraConfig
+
+    compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+    conf = HydraConfig.get().launcher
+    assert conf._target_.endswith("SlurmLauncher") and conf.partition == "gpu"
+    assert conf.max_num_timeout > 0 and 60 <= conf.signal_delay_s < conf.timeout_min * 60
+    launcher = instantiate(conf, submitit_folder="submitit", name="alr")  # both interpolate hydra.*
+    # submitit's USR2 handler calls this, pickles the result and requeues it: the same task, run again.
+    delayed = launcher.checkpoint(["seed=1"], "hydra.sweep.dir", 0, "job_id_for_0", {})
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is launcher
+    assert delayed.args[0] == ["seed=1"]
