@@ -242,9 +242,9 @@ class _EpochTotals:
             f"loss={values['loss']}"
         ]
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({', '.join(bad)}). The last good "
-            "checkpoint (last.pt) is kept; lower the learning rate or use trainer.precision=fp32 and rerun "
-            "with trainer.resume=false."
+            f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({', '.join(bad)}). No checkpoint was "
+            "written after it: last.pt, if there is one, holds the last good state. Lower the learning rate "
+            "(under fp16, try bf16 or fp32) and rerun with trainer.resume=false."
         )
 
     def state_dict(self) -> dict[str, Any]:
