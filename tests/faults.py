@@ -1,7 +1,8 @@
 """Fault injection for the reliability tests: a criterion that misbehaves at one training step.
 
 Wrap a run's criterion with ``*faulty("alr.ALRLoss")`` (overrides) and put
-``ALR_FAULT=<what>@<epoch>:<step>`` (epoch from 1, step from 0) in the environment of the run to disturb:
+``ALR_FAULT=<what>@<epoch>:<step>`` in the environment of the run to disturb (``epoch``: the epoch-th epoch
+this process starts, from 1, so a resumed process counts from its first epoch; ``step`` from 0):
 
 - ``kill``: SIGKILL this process (a crash: nothing after the last checkpoint survives);
 - ``term``: SIGTERM (``kill``, ``scancel``: the trainer checkpoints between two steps and exits);

@@ -64,6 +64,20 @@ def refused(run_dir: Path, error: type[Exception], *overrides: str) -> str:
     return str(caught.value)
 
 
+def test_rerun_of_a_finished_run_is_skipped_and_changes_nothing(finished):
+    before = files(finished)
+    assert fit_in(finished, "method=baseline", "trainer.epochs=1")["status"] == "finished"
+    assert files(finished) == before
+
+
+def test_stale_temporary_files_are_removed_when_a_run_resumes(stopped):
+    stale = stopped / ".last.pt.x1y2z3.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert fit_in(stopped, "method=baseline", "trainer.epochs=1")["status"] == "finished"
+    assert not stale.exists()
+    assert (stopped / "last.pt").stat().st_mode & 0o044, "written private to its writer"
+
+
 # --- data --------------------------------------------------------------------------------------
 
 

@@ -58,45 +58,40 @@ def _straight(out: Path, method: str) -> Path:
     return _run_dir(out, method)
 
 
-def _killed_after_epoch_1_then_resumed(out: Path, method: str) -> Path:
-    overrides = [f"method={method}", *FAST, *faulty(CRITERIA[method])]
+def test_baseline_killed_after_epoch_1_then_resumed_is_bit_identical(tmp_path):
+    straight = _straight(tmp_path / "straight", "baseline")
+    out, overrides = tmp_path / "killed", ["method=baseline", *FAST, *faulty(CRITERIA["baseline"])]
     proc = run_train(*overrides, out=out, check=False, env={"ALR_FAULT": "kill@2:0"})
     assert proc.returncode == -signal.SIGKILL
-    run_dir = _run_dir(out, method)
+    run_dir = _run_dir(out, "baseline")
     assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 1
     assert [m["epoch"] for m in _metrics(run_dir)] == [1]
 
     proc = run_train(*overrides, out=out)
     assert "resuming" in proc.stdout and "after epoch 1" in proc.stdout
     assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2]  # appended, no duplicate
-    return run_dir
+    _assert_bit_identical(straight, run_dir)
 
 
-def test_baseline_killed_after_epoch_1_then_resumed_is_bit_identical_and_a_rerun_is_skipped(tmp_path):
-    straight = _straight(tmp_path / "straight", "baseline")
-    resumed = _killed_after_epoch_1_then_resumed(tmp_path / "killed", "baseline")
-    _assert_bit_identical(straight, resumed)
-
-    before = {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()}
-    proc = run_train("method=baseline", *FAST, *faulty(CRITERIA["baseline"]), out=tmp_path / "killed")
-    assert "finished already" in proc.stdout
-    assert {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()} == before
-
-
-def test_alr_killed_after_epoch_1_or_stopped_mid_epoch_then_resumed_is_bit_identical(tmp_path):
+def test_alr_killed_after_epoch_1_then_stopped_mid_epoch_2_then_resumed_is_bit_identical(tmp_path):
     straight = _straight(tmp_path / "straight", "alr")
-    _assert_bit_identical(straight, _killed_after_epoch_1_then_resumed(tmp_path / "killed", "alr"))
+    out, overrides = tmp_path / "disturbed", ["method=alr", *FAST, *faulty(CRITERIA["alr"])]
+    run_dir = _run_dir(out, "alr")
+    proc = run_train(*overrides, out=out, check=False, env={"ALR_FAULT": "kill@2:0"})
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 1
 
-    # SIGTERM in epoch 2: the trainer finishes the step, writes last.pt after step 2 and exits.
-    out, overrides = tmp_path / "term", ["method=alr", *FAST, *faulty(CRITERIA["alr"])]
-    proc = run_train(*overrides, out=out, check=False, env={"ALR_FAULT": "term@2:1"})
+    # Resumed, then SIGTERM at step 2 of epoch 2 (the first epoch this process trains): the trainer
+    # finishes the step, writes last.pt with the step and the epoch's running sums, and exits.
+    proc = run_train(*overrides, out=out, check=False, env={"ALR_FAULT": "term@1:1"})
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert "stopped by SIGTERM after epoch 2, step 2" in proc.stderr and "Traceback" not in proc.stderr
-    run_dir = _run_dir(out, "alr")
     ckpt = torch.load(run_dir / "last.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2) and ckpt["partial"]["seen"] == 64
     assert json.loads((run_dir / "result.json").read_text())["status"] == "running"
+    assert [m["epoch"] for m in _metrics(run_dir)] == [1]
 
     proc = run_train(*overrides, out=out)
     assert "after epoch 1, step 2" in proc.stdout
+    assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2]
     _assert_bit_identical(straight, run_dir)

@@ -278,8 +278,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     model = _build(cfg.model, f"model '{cfg.model_name}'").to(device)
     method = _build(cfg.method.module, f"method '{cfg.method.name}'").to(device)
-    if t.channels_last and device.type == "cuda":
+    if t.channels_last and device.type == "cuda":  # 4-D weights only: the backbone and DML's peer
         model = model.to(memory_format=torch.channels_last)
+        method = method.to(memory_format=torch.channels_last)
 
     groups = [{"params": list(model.parameters()), "weight_decay": cfg.optim.weight_decay}]
     extra = [p for p in method.parameters() if p.requires_grad]
