@@ -11,6 +11,8 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +21,9 @@ import torch
 import alr
 from alr.errors import CheckpointError, DiskFullError
 
-# What the trainer writes; a file without these keys is not one of this suite's checkpoints.
-CHECKPOINT_KEYS = (
-    "model",
-    "method",
-    "optimizer",
-    "scheduler",
-    "scaler",
-    "epoch",
-    "step",
-    "rng",
-    "config",
-    "alr_version",
-)
+# What the trainer writes; a file without these keys is not one of this suite's checkpoints. (``step`` and
+# ``partial``, the position inside an epoch, are newer and optional: older checkpoints end an epoch.)
+CHECKPOINT_KEYS = ("model", "method", "optimizer", "scheduler", "scaler", "epoch", "rng", "config", "alr_version")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -39,31 +31,41 @@ os.umask(_UMASK)
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
-    try:
+    with disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise _os_error(path, e) from e
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give the usual permissions
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)  # the rename itself survives a power cut
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _os_error(path, e) from e
-        raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _os_error(path: Path, e: OSError) -> Exception:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(
-            f"disk full while writing {path} ({e.strerror or e}); the previous {path.name} is intact. "
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing ``path`` into :class:`DiskFullError`, which says what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(
+            f"disk full while writing {path} ({e.strerror or e}); the previous {Path(path).name} is intact. "
             "Free some space (or move paths.output_dir to a larger disk) and rerun the same command to resume."
-        )
-    return e
+        ) from e
 
 
 def stale_temporaries(path: Path) -> list[Path]:

@@ -39,7 +39,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import alr
-from alr.checkpoint import load_checkpoint, save_checkpoint, stale_temporaries, write_json, write_text
+from alr.checkpoint import (
+    disk_errors,
+    load_checkpoint,
+    save_checkpoint,
+    stale_temporaries,
+    write_json,
+    write_text,
+)
 from alr.errors import CheckpointError, RunError
 from alr.loggers import build_logger
 from alr.preempt import StopOnSignal
@@ -311,7 +318,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "Move it away to train from scratch, or set trainer.resume=false."
             ) from e
         set_rng_state(ckpt["rng"])
-        start_epoch, start_step, partial = ckpt["epoch"], ckpt["step"], ckpt.get("partial")
+        start_epoch, start_step, partial = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("partial")
         elapsed, best = ckpt["elapsed"], tuple(ckpt["best"])
         print(f"[alr] resuming {run_dir} after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
 
@@ -411,14 +418,15 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 elapsed += record["seconds"]
                 if record["test/acc"] > best[0]:
                     best = (record["test/acc"], epoch + 1)
-                with metrics_path.open("a") as f:
+                with disk_errors(metrics_path), metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 logger.log(record, step=epoch + 1)
                 if (epoch + 1) % t.snapshot_every == 0 or epoch + 1 == t.epochs:
                     for name, matrix in method.snapshots().items():
                         (run_dir / name).mkdir(exist_ok=True)
                         m = matrix.float().cpu().numpy()
-                        np.save(run_dir / name / f"epoch_{epoch + 1:03d}.npy", m)
+                        with disk_errors(run_dir / name):
+                            np.save(run_dir / name / f"epoch_{epoch + 1:03d}.npy", m)
                         logger.log_matrix(name, m, data.class_names, step=epoch + 1)
                 save(epoch + 1, 0, None)
                 bar.set_postfix_str(
