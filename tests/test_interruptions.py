@@ -116,3 +116,13 @@ def test_slurm_launcher_config_requeues_on_timeout_and_is_checkpointable():
     delayed = launcher.checkpoint(["seed=1"], "hydra.sweep.dir", 0, "job_id_for_0", {})
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is launcher
     assert delayed.args[0] == ["seed=1"]
+
+
+def test_a_single_diverged_run_exits_1_with_the_step_and_terms(tmp_path):
+    proc = run_train("method=alr", *FAST, "optim.optimizer.lr=1e20", out=tmp_path, check=False)
+    run_dir = tmp_path / "default" / "digits-digits_cnn-alr-s0"
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = [s for s in proc.stderr.splitlines() if s.startswith("error: ")]
+    assert line.startswith(f"error: {run_dir}: non-finite loss at epoch 1, step ") and "L_hard=" in line
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"
+    assert not (run_dir / "last.pt").exists()  # it diverged in the first epoch: there is no good state
