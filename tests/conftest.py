@@ -28,10 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def run_train(*overrides: str, out: Path, multirun: bool = False, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real entry point ``python -m alr.train`` in a subprocess, writing runs under ``out``."""
+def run_train(
+    *overrides: str, out: Path, multirun: bool = False, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real entry point ``python -m alr.train`` in a subprocess, writing runs under ``out``.
+
+    ``env`` adds environment variables (``ALR_FAULT``, see ``tests/faults.py``, which is importable there).
+    """
     cmd = [sys.executable, "-m", "alr.train", *(["-m"] if multirun else []), f"paths.output_dir={out}", *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

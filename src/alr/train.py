@@ -4,16 +4,38 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from alr.checkpoint import write_json
 from alr.config_check import ConfigError, parse_shard, validate
-from alr.trainer import NonFiniteLossError, fit
+from alr.errors import RunError
+from alr.preempt import Interrupted
+from alr.trainer import NonFiniteLossError, fit, prepare_run_dir
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+class CheckOutputDir(Callback):
+    """Refuse an unwritable run (or sweep) folder with one line, before Hydra itself fails on it with a traceback."""
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        HydraConfig.instance().set_config(config)  # so that ${hydra:...} in the folder's name resolves
+        try:
+            prepare_run_dir(Path(str(config.hydra[key].dir)))
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "sweep")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -36,6 +58,12 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode.name == "MULTIRUN":
             return None  # the sweep goes on with the other jobs; the tables show this cell as failed
         sys.exit(1)
+    except RunError as e:  # bad data, checkpoint, run folder, full disk: nothing was written over
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:  # a stop signal: last.pt is written; requeue (submitit) or exit
+        print(f"[alr] {cfg.run_name}: {e}; rerun the same command to resume", file=sys.stderr)
+        e.hand_over()
     print(
         f"[alr] {cfg.run_name}: test accuracy {result['final_test_acc']:.2f}% after {result['epochs']} epochs "
         f"(best {result['best_test_acc']:.2f}% at epoch {result['best_epoch']}) -> {run_dir}"

@@ -1,6 +1,15 @@
 """Training methods: the ALR loss family and the interface the trainer calls."""
 
 from alr.methods.alr_loss import ALRLoss, residual_index
+from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
 from alr.methods.supervised import CrossEntropy, StepOutput, Supervised
 
-__all__ = ["ALRLoss", "CrossEntropy", "StepOutput", "Supervised", "residual_index"]
+__all__ = [
+    "ALRLoss",
+    "CrossEntropy",
+    "DeepMutualLearning",
+    "KnowledgeDistillation",
+    "StepOutput",
+    "Supervised",
+    "residual_index",
+]

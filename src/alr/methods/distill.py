@@ -1,0 +1,177 @@
+"""The two methods of Table 4 that learn from another network: knowledge distillation and deep mutual learning.
+
+Both follow the method interface of :mod:`alr.methods.supervised`: ``method(model, inputs, targets)``
+returns a :class:`StepOutput`; the loss is computed in float32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from alr.checkpoint import load_checkpoint
+from alr.errors import RunError
+from alr.methods.supervised import StepOutput
+
+
+def kl_to(log_p_student: Tensor, log_p_target: Tensor) -> Tensor:
+    """``KL(target ‖ student)`` summed over classes, mean over the batch (both arguments are log-probabilities)."""
+    return F.kl_div(log_p_student, log_p_target, reduction="batchmean", log_target=True)
+
+
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float, temperature: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(1−α)·CE(z_s, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` in float32, and its terms."""
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        z_s, z_t, T = student_logits.float(), teacher_logits.float().detach(), temperature
+        ce = F.cross_entropy(z_s, targets)
+        kl = kl_to(F.log_softmax(z_s / T, dim=1), F.log_softmax(z_t / T, dim=1))
+        loss = (1 - alpha) * ce + alpha * T * T * kl
+    return loss, {"L_hard": ce.detach(), "L_kd": kl.detach()}
+
+
+def dml_loss(logits: Tensor, peer_logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """``L_1 + L_2`` with ``L_i = CE(z_i, y) + KL(p_j ‖ p_i)``, ``p_j`` detached, in float32, and the four terms."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        z1, z2 = logits.float(), peer_logits.float()
+        log_p1, log_p2 = F.log_softmax(z1, dim=1), F.log_softmax(z2, dim=1)
+        ce1, ce2 = F.cross_entropy(z1, targets), F.cross_entropy(z2, targets)
+        kl1, kl2 = kl_to(log_p1, log_p2.detach()), kl_to(log_p2, log_p1.detach())
+        loss = ce1 + kl1 + ce2 + kl2
+    terms = {"L_hard": ce1, "L_kl": kl1, "peer_L_hard": ce2, "peer_L_kl": kl2}
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def load_teacher(teacher_run: str | Path | None, dataset: str, num_classes: int) -> nn.Module:
+    """The backbone of a finished run folder, built from its ``config.yaml`` with the weights of its ``last.pt``."""
+    how = (
+        "Train the teacher first (Table 4: python -m alr.train experiment=... model=wrn28_10 method=baseline) "
+        "and set method.teacher_run=<its run folder>."
+    )
+    if not teacher_run:
+        raise RunError(f"config key 'method.teacher_run' is not set. {how}")
+    run = Path(teacher_run)
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"config key 'method.teacher_run': no run folder at {run} (no config.yaml there). {how}")
+    result = run / "result.json"
+    status = json.loads(result.read_text()).get("status") if result.is_file() else "not started"
+    if status != "finished":
+        raise RunError(
+            f"config key 'method.teacher_run': the teacher run {run} has not finished (status {status!r} in "
+            f"{result.name}). Finish it by rerunning its command, or point method.teacher_run at a finished run."
+        )
+    cfg = OmegaConf.load(run / "config.yaml")
+    if (cfg.dataset.name, cfg.dataset.num_classes) != (dataset, num_classes):
+        raise RunError(
+            f"config key 'method.teacher_run': the teacher {run} was trained on {cfg.dataset.name} with "
+            f"{cfg.dataset.num_classes} classes, this run is {dataset} with {num_classes}. Use a teacher trained "
+            "on the same data set."
+        )
+    teacher = instantiate(cfg.model)
+    teacher.load_state_dict(load_checkpoint(run / "last.pt")["model"])
+    return teacher.eval().requires_grad_(False)
+
+
+class KnowledgeDistillation(nn.Module):
+    r"""Knowledge distillation (Hinton et al. 2015), the ``kd`` row of ALR's Table 4 (§4.3; SPEC §1).
+
+    .. math:: L = (1-\alpha)\,CE(z_s, y) + \alpha T^2\, KL(\mathrm{softmax}(z_t/T) \,\|\, \mathrm{softmax}(z_s/T))
+
+    with α = 0.9 and T = 4 by default; the KL is summed over classes and averaged over the batch
+    (``batchmean``), and the T² keeps its gradient's scale independent of T.
+
+    Choices where the papers are silent (also in the README's "Deviations"):
+
+    * **The teacher** is the backbone of a finished run folder (``teacher_run``; Table 4: a WRN-28-10
+      trained by ``baseline``), rebuilt from that run's ``config.yaml`` with the weights of its
+      ``last.pt`` (the last epoch, as the tables report). It is frozen and always in eval mode
+      (BN running statistics, no dropout).
+    * **The teacher is not part of this module's state**: it is held outside the module tree, so it
+      is in neither ``parameters()`` (the optimizer, the parameter count) nor ``state_dict()``
+      (``last.pt``). A resumed run reloads it from ``teacher_run``, which the run's config records;
+      a teacher folder that has gone or changed is therefore refused or reloaded, never duplicated.
+    * **Inputs**: the teacher sees the student's augmented batch (the same crops and flips).
+    """
+
+    def __init__(
+        self, teacher_run: str | None, dataset: str, num_classes: int, alpha: float = 0.9, temperature: float = 4.0
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise ValueError(f"KD needs 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, T={temperature}")
+        self.alpha, self.temperature = alpha, temperature
+        self._teacher = (load_teacher(teacher_run, dataset, num_classes),)  # a tuple hides it from nn.Module
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
+        teacher = self.teacher
+        if next(teacher.parameters()).device != inputs.device:  # .to() on this module does not reach it
+            teacher.to(inputs.device)
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)
+        logits = model(inputs)
+        loss, terms = kd_loss(logits, teacher_logits, targets, self.alpha, self.temperature)
+        return StepOutput(loss, logits, terms)
+
+    def start_epoch(self) -> None:
+        """Nothing to reset."""
+
+    def snapshots(self) -> dict[str, Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        return model(inputs)
+
+
+class DeepMutualLearning(nn.Module):
+    r"""Deep mutual learning (Zhang et al. 2018), the ``dml`` row of ALR's Table 4 (§4.3; SPEC §1).
+
+    A cohort of two networks of one architecture, the run's backbone and ``peer``; each minimises
+
+    .. math:: L_i = CE(z_i, y) + KL(p_j \,\|\, p_i), \qquad p_j \text{ detached},
+
+    and this module returns ``L_1 + L_2``: since the peer's distribution is detached in each term,
+    the gradient of the sum with respect to each network is that network's own ``L_i``.
+
+    Choices where the papers are silent (also in the README's "Deviations"):
+
+    * **Simultaneous updates.** Zhang et al. update the two networks in turn, the second against the
+      first's *updated* predictions; here both are updated in the same optimizer step from one
+      forward pass each (half the forward passes, the usual implementation).
+    * **The peer belongs to this module**: its parameters go to the optimizer (in the method's group,
+      whose weight decay ``configs/method/dml.yaml`` sets equal to the backbone's) and into ``last.pt``;
+      it is built by ``instantiate`` from the run's own model config (``peer: ${model}``) with its own
+      random initialisation.
+    * **Evaluation and the reported accuracy** use the backbone (network 1); the peer's training
+      terms are logged as ``peer_L_hard`` and ``peer_L_kl``.
+    """
+
+    def __init__(self, peer: nn.Module) -> None:
+        super().__init__()
+        self.peer = peer
+
+    def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
+        logits = model(inputs)
+        loss, terms = dml_loss(logits, self.peer(inputs), targets)
+        return StepOutput(loss, logits, terms)
+
+    def start_epoch(self) -> None:
+        """Nothing to reset (the peer's train/eval mode follows the module's)."""
+
+    def snapshots(self) -> dict[str, Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        return model(inputs)

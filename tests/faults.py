@@ -1,0 +1,71 @@
+"""Fault injection for the reliability tests: a criterion that misbehaves at one training step.
+
+Wrap a run's criterion with ``*faulty("alr.ALRLoss")`` (overrides) and put
+``ALR_FAULT=<what>@<epoch>:<step>`` in the environment of the run to disturb (``epoch``: the epoch-th epoch
+this process starts, from 1, so a resumed process counts from its first epoch; ``step`` from 0):
+
+- ``kill``: SIGKILL this process (a crash: nothing after the last checkpoint survives);
+- ``term``: SIGTERM (``kill``, ``scancel``: the trainer checkpoints between two steps and exits);
+- ``usr2``: SIGUSR2, submitit's pre-emption/time-out signal (checkpoint, then requeue);
+- ``nan``: return a NaN loss (divergence).
+
+With ``ALR_FAULT_ONCE=<file>`` the fault fires only while that file does not exist, and creates it,
+so a requeued job runs clean. Without ``ALR_FAULT`` the wrapper changes nothing, so an undisturbed run
+with the same overrides is the reference a disturbed-and-resumed run must equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+from hydra.utils import get_class
+from torch import Tensor, nn
+
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr2": signal.SIGUSR2}
+
+
+def faulty(criterion: str) -> list[str]:
+    """Overrides that wrap ``method.module.criterion`` (a class path) in :class:`Faulty`."""
+    return ["method.module.criterion._target_=faults.Faulty", f"+method.module.criterion.inner={criterion}"]
+
+
+class Faulty(nn.Module):
+    def __init__(self, inner: str, **kwargs) -> None:
+        super().__init__()
+        self.criterion = get_class(inner)(**kwargs)
+        self.epoch, self.step = 0, 0
+        what, _, when = os.environ.get("ALR_FAULT", "none@0:0").partition("@")
+        epoch, step = when.split(":")
+        self.fault, self.at = what, (int(epoch), int(step))
+
+    @property
+    def last_terms(self) -> dict[str, Tensor]:
+        return self.criterion.last_terms
+
+    def reset_epoch(self) -> None:
+        self.epoch, self.step = self.epoch + 1, 0
+        if hasattr(self.criterion, "reset_epoch"):
+            self.criterion.reset_epoch()
+
+    def _fires(self) -> bool:
+        if self.fault == "none" or (self.epoch, self.step) != self.at:
+            return False
+        once = os.environ.get("ALR_FAULT_ONCE")
+        if once:
+            if Path(once).exists():
+                return False
+            Path(once).touch()
+        return True
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        loss = self.criterion(logits, targets)
+        if self._fires():
+            if self.fault == "nan":
+                loss = loss * torch.tensor(float("nan"))
+            else:
+                os.kill(os.getpid(), SIGNALS[self.fault])
+        self.step += 1
+        return loss
