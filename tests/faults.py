@@ -45,6 +45,13 @@ class Faulty(nn.Module):
     def last_terms(self) -> dict[str, Tensor]:
         return self.criterion.last_terms
 
+    def __getattr__(self, name: str):
+        """Everything else (ALR's ``residual_labels``, ``S``...) is the wrapped criterion's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("criterion"), name)
+
     def reset_epoch(self) -> None:
         self.epoch, self.step = self.epoch + 1, 0
         if hasattr(self.criterion, "reset_epoch"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -12,6 +13,7 @@ from wandb.proto import wandb_internal_pb2 as pb
 
 from alr import wandb_sync
 from conftest import run_train
+from faults import faulty
 
 EPOCH_KEYS = {
     "epoch",
@@ -84,7 +86,10 @@ def wandb_files(run_dir: Path) -> list[Path]:
 @pytest.mark.slow
 def test_offline_wandb_run_logs_the_layout_and_resumes_the_same_run(tmp_path):
     overrides = ("experiment=demo", "method=alr_s", "seed=3", "debug=fast", "logger=wandb", "logger.project=alr-test")
-    run_train(*overrides, out=tmp_path)
+    overrides += ("trainer.epochs=4", *faulty("alr.ALRLoss"))
+    # SIGTERM at the first step of epoch 3: the trainer finishes that step, writes last.pt and exits.
+    stopped = run_train(*overrides, out=tmp_path, check=False, env={"ALR_FAULT": "term@3:0"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     run_dir = tmp_path / "demo" / "digits-digits_cnn-alr_s-s3"
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     [log] = wandb_files(run_dir)
@@ -101,7 +106,7 @@ def test_offline_wandb_run_logs_the_layout_and_resumes_the_same_run(tmp_path):
     resolved = (run_dir / "config.yaml").read_text()
     assert config["seed"] == 3 and config["method"]["name"] == "alr_s" and config["experiment_name"] == "demo"
     assert config["logger"] == {"name": "wandb", "project": "alr-test", "entity": None, "mode": "auto"}
-    assert config["trainer"]["epochs"] == 2 and "epochs: 2" in resolved
+    assert config["trainer"]["epochs"] == 4 and "epochs: 4" in resolved
 
     rows = history_rows(records)
     assert sorted(rows) == [1, 2]
@@ -116,17 +121,17 @@ def test_offline_wandb_run_logs_the_layout_and_resumes_the_same_run(tmp_path):
         table = json.loads((log.parent / "files" / matrix["path"]).read_text())
         assert table["columns"] == ["class", *map(str, range(10))]
         assert all(row[1 + k] == 0.0 for k, row in enumerate(table["data"]))  # the diagonal is blank
-    assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
+    assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code != 0 for r in records)
 
-    # As if the run had stopped after epoch 2 of 4: the trainer resumes from last.pt, W&B continues the run.
-    (run_dir / "result.json").write_text(json.dumps({"status": "running"}))
-    run_train(*overrides, "trainer.epochs=4", out=tmp_path)
+    # The same command again: the trainer resumes from last.pt, W&B continues the same run.
+    run_train(*overrides, out=tmp_path)
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
     first, second = wandb_files(run_dir)
     assert first == log and second.name == log.name
     resumed = read_transaction_log(second)
     assert [r.run.run_id for r in resumed if r.WhichOneof("record_type") == "run"] == [run_id]
     assert sorted(history_rows(resumed)) == [3, 4]
+    assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in resumed)
 
 
 def test_wandb_sync_says_what_there_is_to_sync_and_what_it_needs(tmp_path, monkeypatch, capsys):
