@@ -2,13 +2,14 @@
 
 from alr.methods.alr_loss import ALRLoss, residual_index
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
-from alr.methods.supervised import CrossEntropy, StepOutput, Supervised
+from alr.methods.supervised import CrossEntropy, Method, StepOutput, Supervised
 
 __all__ = [
     "ALRLoss",
     "CrossEntropy",
     "DeepMutualLearning",
     "KnowledgeDistillation",
+    "Method",
     "StepOutput",
     "Supervised",
     "residual_index",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from alr.checkpoint import load_checkpoint
 from alr.errors import RunError
-from alr.methods.supervised import StepOutput
+from alr.methods.supervised import Method, StepOutput
 
 
 def kl_to(log_p_student: Tensor, log_p_target: Tensor) -> Tensor:
@@ -79,7 +79,7 @@ def load_teacher(teacher_run: str | Path | None, dataset: str, num_classes: int)
     return teacher.eval().requires_grad_(False)
 
 
-class KnowledgeDistillation(nn.Module):
+class KnowledgeDistillation(Method):
     r"""Knowledge distillation (Hinton et al. 2015), the ``kd`` row of ALR's Table 4 (§4.3; SPEC §1).
 
     .. math:: L = (1-\alpha)\,CE(z_s, y) + \alpha T^2\, KL(\mathrm{softmax}(z_t/T) \,\|\, \mathrm{softmax}(z_s/T))
@@ -123,18 +123,8 @@ class KnowledgeDistillation(nn.Module):
         loss, terms = kd_loss(logits, teacher_logits, targets, self.alpha, self.temperature)
         return StepOutput(loss, logits, terms)
 
-    def start_epoch(self) -> None:
-        """Nothing to reset."""
 
-    def snapshots(self) -> dict[str, Tensor]:
-        return {}
-
-    @torch.no_grad()
-    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        return model(inputs)
-
-
-class DeepMutualLearning(nn.Module):
+class DeepMutualLearning(Method):
     r"""Deep mutual learning (Zhang et al. 2018), the ``dml`` row of ALR's Table 4 (§4.3; SPEC §1).
 
     A cohort of two networks of one architecture, the run's backbone and ``peer``; each minimises
@@ -165,13 +155,3 @@ class DeepMutualLearning(nn.Module):
         logits = model(inputs)
         loss, terms = dml_loss(logits, self.peer(inputs), targets)
         return StepOutput(loss, logits, terms)
-
-    def start_epoch(self) -> None:
-        """Nothing to reset (the peer's train/eval mode follows the module's)."""
-
-    def snapshots(self) -> dict[str, Tensor]:
-        return {}
-
-    @torch.no_grad()
-    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        return model(inputs)

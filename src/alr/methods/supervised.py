@@ -39,7 +39,26 @@ class CrossEntropy(nn.Module):
         return loss
 
 
-class Supervised(nn.Module):
+class Method(nn.Module):
+    """The interface the trainer calls; subclasses implement ``forward`` and override what they need."""
+
+    def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def start_epoch(self) -> None:
+        """Called by the trainer before each training epoch."""
+
+    def snapshots(self) -> dict[str, Tensor]:
+        """Matrices the trainer saves every ``trainer.snapshot_every`` epochs, by name."""
+        return {}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        """Logits used for evaluation: the backbone's."""
+        return model(inputs)
+
+
+class Supervised(Method):
     """One network trained by a criterion on its own logits: ``baseline``, ``slr``, ``alr``, ``alr_s``."""
 
     def __init__(self, criterion: nn.Module) -> None:
@@ -52,17 +71,11 @@ class Supervised(nn.Module):
         return StepOutput(loss, logits, self.criterion.last_terms)
 
     def start_epoch(self) -> None:
-        """Called by the trainer before each training epoch."""
         if hasattr(self.criterion, "reset_epoch"):
             self.criterion.reset_epoch()
 
     def snapshots(self) -> dict[str, Tensor]:
-        """Matrices the trainer saves every epoch (ALR: ``softmax(S)`` as K×K, Figure 3)."""
+        """ALR: ``softmax(S)`` as K×K (Figure 3); nothing for plain cross entropy."""
         if hasattr(self.criterion, "residual_labels"):
             return {"residual_labels": self.criterion.residual_labels()}
         return {}
-
-    @torch.no_grad()
-    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        """Logits used for evaluation."""
-        return model(inputs)

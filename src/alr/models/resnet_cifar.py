@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alr.models.init import kaiming_init
+
 
 class BasicBlock(nn.Module):
     """conv3×3–BN–ReLU–conv3×3–BN, added to an identity (or option-A) shortcut, then ReLU."""
@@ -53,12 +55,7 @@ class ResNetCifar(nn.Module):
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alr.models.init import kaiming_init
+
 
 class WideBlock(nn.Module):
     """BN–ReLU–conv3×3–BN–ReLU–dropout–conv3×3, plus a 1×1 projection shortcut when the shape changes."""
@@ -48,12 +50,7 @@ class WideResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(c_in)
         self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn(self.blocks(self.stem(x))).relu()
