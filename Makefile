@@ -9,11 +9,7 @@ GPUS   ?=
 ARGS   ?=
 comma  := ,
 
-<<<<<<< HEAD
-.PHONY: help install demo test lint format clean reproduce-table1 figure3
-=======
-.PHONY: help install demo plots results wandb-sync test lint format clean
->>>>>>> cmp
+.PHONY: help install demo plots results wandb-sync test lint format clean reproduce-table1 figure3
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
