@@ -184,3 +184,23 @@ def test_bad_shard_names_the_key(value: str):
     with pytest.raises(ConfigError) as err:
         validate(compose(f"shard={value}"))
     assert err.value.key == "shard" and "shard=0/4" in str(err.value)
+
+
+def _make_dry_run(*args: str) -> str:
+    proc = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_targets_run_the_grid_the_smoke_mode_and_one_shard_per_gpu():
+    plain = _make_dry_run("reproduce-table1")
+    assert "-m alr.train -m experiment=table1 paths.output_dir=runs" in plain
+    assert "-m alr.report table1 --runs runs/table1 --out results" in plain
+    smoke = _make_dry_run("reproduce-table1", "SMOKE=1")
+    assert "-m alr.data.samples --out runs/smoke/data cifar10 cifar100" in smoke
+    assert "debug=smoke dataset.data_dir=runs/smoke/data" in smoke
+    assert "--runs runs/smoke/table1 --out runs/smoke/results" in smoke
+    sharded = _make_dry_run("reproduce-table1", "GPUS=0,3")
+    assert 'gpus="0 3"' in sharded and "CUDA_VISIBLE_DEVICES=$g" in sharded and "shard=$i/$n" in sharded
+    figure = _make_dry_run("figure3", "FIG3_EPOCHS=1,300")
+    assert "figure3 --run runs/table1/cifar10-preact_resnet18-alr-s0 --out results/figure3.png --epochs 1,300" in figure
