@@ -17,7 +17,7 @@ next batch), so each run gives ``steps − 2`` samples. Medians over all samples
 spread is the min-max of the per-round ratios.
 
     python bench/bench_train.py            # preact_resnet18, batch 128, 3 rounds × 5 steps
-    python bench/bench_train.py --quick    # batch 8, 1 round × 4 steps
+    python bench/bench_train.py --quick    # batch 8, 1 round × 3 steps
 """
 
 from __future__ import annotations
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="steps per run (the first and last are not timed)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="batch 8, 1 round of 4 steps")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 1 round of 3 steps")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch_size, args.steps, args.rounds = 8, 4, 1
+        args.batch_size, args.steps, args.rounds = 8, 3, 1
     device = setup(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -1,4 +1,8 @@
-"""Helpers shared by the bench scripts: interleaved timing, medians and spreads, the machine's description."""
+"""Helpers shared by the bench scripts: interleaved timing, medians and spreads, the machine's description.
+
+Importing it puts this checkout's ``src/`` first on ``sys.path``, so the benches time this checkout's
+code whatever ``.venv`` has installed (as pytest's ``pythonpath`` does for the tests).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,15 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
 
 # The clock every timing here reads: wall time, or this process's CPU time (see ``setup``).
 clock: Callable[[], float] = time.perf_counter
@@ -129,7 +138,7 @@ def machine() -> dict[str, str]:
     device = pick_device()
     return {
         "cpu": cpu,
-        "cores": f"{os.cpu_count()} logical, torch uses {torch.get_num_threads()} threads",
+        "cores": f"{os.cpu_count()} logical cores",
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no CUDA device)",
     }
