@@ -39,6 +39,7 @@ PEAK_TFLOPS = {
     "A10G": 70.0,
     "A10": 125.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
     "V100": 125.0,  # fp16 only
     "RTX 4090": 165.0,
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
 
     name = torch.cuda.get_device_name(device)
     peak = args.peak_tflops or peak_tflops(name)
-    dtypes = {"fp16": torch.float16, **({"bf16": torch.bfloat16} if torch.cuda.is_bf16_supported() else {})}
+    dtypes = {"fp16": torch.float16}
+    if torch.cuda.is_bf16_supported(including_emulation=False):  # not on V100 and older
+        dtypes["bf16"] = torch.bfloat16
     steps = {}
     for (dname, dtype), cl, comp in product(dtypes.items(), (False, True), (False, True)):
         key = f"{dname:<5} {'channels_last' if cl else 'contiguous':<14} {'compile' if comp else 'eager':<8}"

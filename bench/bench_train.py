@@ -16,7 +16,7 @@ first step of every run (allocations, kernel selection) is dropped, and so is th
 next batch), so each run gives ``steps − 2`` samples. Medians over all samples of a variant; the
 spread is the min-max of the per-round ratios.
 
-    python bench/bench_train.py            # preact_resnet18, batch 128, 3 rounds × 5 steps
+    python bench/bench_train.py            # preact_resnet18, batch 128, 4 rounds × 6 steps
     python bench/bench_train.py --quick    # batch 8, 1 round × 3 steps
 """
 
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="preact_resnet18")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="steps per run (the first and last are not timed)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (the first and last are not timed)")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="batch 8, 1 round of 3 steps")
     add_common_args(parser)
     args = parser.parse_args(argv)

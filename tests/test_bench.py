@@ -28,4 +28,5 @@ def test_bench_driver_writes_every_section(tmp_path):
         assert fact in report
     for figure in ("ALRLoss/CE", "trainer / bare loop", "alr_s / baseline", "gpu / torchvision", "GFLOPs per image"):
         assert figure in report
-    assert report.count("target ") == 5  # items 1 (three targets), 2 and 3 each say whether they hold
+    assert "## Targets" in report
+    assert report.count("\ntarget ") == 5  # items 1 (three targets), 2 and 3 each say whether they hold
