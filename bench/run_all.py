@@ -1,6 +1,7 @@
 """Run every bench and write ``results/bench.md``: machine, torch version, device, then each bench's figures.
 
-``make bench`` runs this. Each bench prints ratios measured side by side in this one process, the
+``make bench`` runs this, then copies the report into the README's "Speed" section (hence its
+``###`` headings). Each bench prints ratios measured side by side in this one process, the
 variants interleaved, medians with their spread; this driver only collects the printouts.
 
     python bench/run_all.py                    # the full benches (CPU: under 10 minutes), results/bench.md
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             run(bench_args)
         took = time.perf_counter() - t0
         parts.append(
-            f"## {title}\n\n`python bench/{script} {' '.join(bench_args)}` ({took:.0f} s)\n\n"
+            f"### {title}\n\n`python bench/{script} {' '.join(bench_args)}` ({took:.0f} s)\n\n"
             f"```text\n{out.getvalue().rstrip()}\n```\n"
         )
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     targets = [line[len("target ") :] for part in parts for line in part.splitlines() if line.startswith("target ")]
-    summary = ["## Targets (issue 6)", "", *(f"- {t}" for t in targets), ""]
+    summary = ["### Targets (issue 6)", "", *(f"- {t}" for t in targets), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(header + summary) + "\n" + "\n".join(parts))
     print(f"wrote {args.out}")

@@ -23,10 +23,10 @@ def test_bench_driver_writes_every_section(tmp_path):
     from run_all import SECTIONS
 
     for title in SECTIONS:
-        assert f"## {title}" in report
+        assert f"\n### {title}\n" in report
     for fact in ("| CPU |", "| torch |", "| device |", "--quick"):
         assert fact in report
     for figure in ("ALRLoss/CE", "trainer / bare loop", "alr_s / baseline", "gpu / torchvision", "GFLOPs per image"):
         assert figure in report
-    assert "## Targets" in report
+    assert "### Targets" in report
     assert report.count("\ntarget ") == 5  # items 1 (three targets), 2 and 3 each say whether they hold

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 def residual_index(targets: Tensor, num_classes: int) -> Tensor:
@@ -45,9 +46,10 @@ class _ALRFunction(torch.autograd.Function):
     * ``∂L/∂z = c_h·(p − (1−ε)·onehot(y) − ε/K) + w·c_r·(p_res − q_res)`` at the non-target columns,
     * ``∂L/∂S[k] = c_u·Σ_{i: y_i=k} (q_res_i − p_res_i)``, both divided by B.
 
-    ``p_res`` is ``log_softmax`` of the gathered residual logits, not ``p_j / (1 − p_y)``: the latter
-    loses ``1 − p_y`` to rounding once ``p_y`` is within float32's epsilon of 1.
-    Returns the loss and the three terms (``c·L/B`` each, not differentiable).
+    ``p_res`` is the ``log_softmax`` of the residual logits themselves, not ``p_j / (1 − p_y)``: the
+    latter loses ``1 − p_y`` to rounding once ``p_y`` is within float32's epsilon of 1.
+    Returns the loss and the three terms (``c·L/B`` each, not differentiable). The backward is
+    first-order only (``once_differentiable``): training never differentiates it again.
     """
 
     @staticmethod
@@ -74,6 +76,7 @@ class _ALRFunction(torch.autograd.Function):
         return loss, terms
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_terms):
         log_p, targets, before, d_res, w = ctx.saved_tensors
         eps, (c_hard, c_res, c_upd) = ctx.eps, ctx.scale
