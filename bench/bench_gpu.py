@@ -67,13 +67,13 @@ def make_step(dtype: torch.dtype, channels_last: bool, compile: bool, batch: int
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     forward = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype):
             loss = F.cross_entropy(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -83,24 +83,8 @@ def make_step(dtype: torch.dtype, channels_last: bool, compile: bool, batch: int
     return step
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed sample")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
-    parser.add_argument("--quick", action="store_true", help="2 rounds x 3 steps")
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.steps = 2, 3
-    device = setup(args)
-    flops = training_flops_per_image()
-    print(f"preact_resnet18, 32x32, K=10: training GFLOPs per image (forward+backward) = {flops / 1e9:.3f}")
-    if device.type != "cuda":
-        print("no CUDA device: the GPU throughput table (fp16/bf16 x channels_last x torch.compile) is skipped")
-        return
-
+def throughput_table(device: torch.device, args: argparse.Namespace, flops: float) -> None:
+    """Images/s and the fraction of the compute floor for every precision × memory format × compile."""
     name = torch.cuda.get_device_name(device)
     peak = args.peak_tflops or peak_tflops(name)
     dtypes = {"fp16": torch.float16}
@@ -124,6 +108,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{key:<31} {rates[key]:>10,.0f} {args.batch_size / hi:>9,.0f}-{args.batch_size / lo:<9,.0f} {frac:>30}")
     best = max(rates, key=rates.get)
     print(f"fastest: {' '.join(best.split())} ({rates[best]:,.0f} images/s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed sample")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
+    parser.add_argument("--quick", action="store_true", help="2 rounds x 3 steps")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 2, 3
+    device = setup(args)
+    flops = training_flops_per_image()
+    print(f"preact_resnet18, 32x32, K=10: training GFLOPs per image (forward+backward) = {flops / 1e9:.3f}")
+    if device.type != "cuda":
+        print("no CUDA device: the GPU throughput table (fp16/bf16 x channels_last x torch.compile) is skipped")
+        return
+
+    throughput_table(device, args, flops)
 
 
 if __name__ == "__main__":
