@@ -9,7 +9,7 @@ GPUS   ?=
 ARGS   ?=
 comma  := ,
 
-.PHONY: help install demo plots results wandb-sync test lint format clean reproduce-table1 figure3
+.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 figure3
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ lint: $(STAMP) ## ruff lint and format check
 format: $(STAMP) ## apply ruff's formatting and import order
 	$(PY) -m ruff check --fix --select I src tests scripts bench
 	$(PY) -m ruff format src tests scripts bench
+
+bench: $(STAMP) ## speed benchmarks (bench/*.py, CPU: under 10 minutes) into results/bench.md and the README
+	$(PY) bench/run_all.py --out results/bench.md
+	$(PY) scripts/sync_readme.py
 
 clean: ## remove run folders and caches (keeps .venv and results/)
 	rm -rf $(RUNS) multirun outputs wandb .pytest_cache .ruff_cache

@@ -5,7 +5,7 @@ Writes synthetic files in CIFAR-10's on-disk format to a temporary folder, build
 variants interleaved so that drift on a shared machine hits both alike. Reports medians.
 
     python bench/bench_cifar_pipeline.py            # 50,000 images, 5 repeats
-    python bench/bench_cifar_pipeline.py --quick    # 5,000 images, 2 repeats
+    python bench/bench_cifar_pipeline.py --quick    # 2,000 images, 2 repeats, 2 workers
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchutil  # noqa: F401  (puts this checkout's src/ first on sys.path)
 import numpy as np
 import torch
 
@@ -54,16 +55,16 @@ def time_epoch(batches: Batches, epoch: int, device: torch.device) -> float:
     return images / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=50_000, help="training images")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (torchvision loader)")
-    parser.add_argument("--quick", action="store_true", help="n=5000, 2 repeats")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="n=2000, 2 repeats, 2 workers")
+    args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.repeats = 5_000, 2
+        args.n, args.repeats, args.num_workers = 2_000, 2, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +88,7 @@ def main() -> None:
                 rates[loader].append(time_epoch(batches, repeat, device))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, wall time")
     print(f"{args.n} images, batch {args.batch_size}, {args.repeats} repeats, {args.num_workers} workers")
     print(f"{'loader':<12} {'median img/s':>14} {'min':>12} {'max':>12}")
     for loader, values in rates.items():

@@ -1,6 +1,7 @@
 """Copy generated result files into README.md between ``<!-- begin:NAME -->`` / ``<!-- end:NAME -->`` markers.
 
-So that the README shows generated numbers only: ``python scripts/sync_readme.py`` (run by ``make demo``).
+So that the README shows generated numbers only: ``python scripts/sync_readme.py`` (run by ``make demo``
+and ``make bench``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # marker name -> generated file whose body (without its "# title" line) goes between the markers
-SOURCES = {"demo-table": "results/demo/table.md", "table1": "results/table1.md"}
+SOURCES = {"demo-table": "results/demo/table.md", "table1": "results/table1.md", "bench": "results/bench.md"}
 
 
 def sync(readme: Path = ROOT / "README.md") -> list[str]:

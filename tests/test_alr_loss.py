@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from alr import ALRLoss
 from alr.methods import CrossEntropy, residual_index
+from alr.methods.alr_loss import alr_terms_reference
 
 
 def _residual(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -221,3 +222,52 @@ def test_bad_arguments_are_rejected():
         ALRLoss(10, acc_source="epoch")
     with pytest.raises(ValueError, match="label_smoothing"):
         ALRLoss(10, label_smoothing=1.5)
+
+
+@pytest.mark.parametrize("K", [2, 10, 100, 1000])
+@pytest.mark.parametrize("B", [1, 33, 128])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("class_mean", [False, True])
+def test_fused_path_equals_the_plain_autograd_definition(K: int, B: int, eps: float, class_mean: bool):
+    """ALRLoss's one-node forward/backward gives the values and gradients of plain autograd on eq. 3–5."""
+    logits, y = _batch(B, K, seed=K + B)
+    crit = ALRLoss(K, label_smoothing=eps, class_mean=class_mean)
+    with torch.no_grad():
+        crit.S.normal_(0, 2, generator=torch.Generator().manual_seed(K))
+    crit.correct.fill_(3)  # a running accuracy from earlier batches, so w is not a batch quantity
+    crit.seen.fill_(7)
+    loss = crit(logits, y)
+    loss.backward()
+
+    z, S = logits.detach().clone().requires_grad_(), crit.S.detach().clone().requires_grad_()
+    c = (K, K - 1, K - 1) if class_mean else (1, 1, 1)
+    l_hard, l_res, l_upd = (t / ci for t, ci in zip(alr_terms_reference(z, S, y, eps), c))
+    w = crit.last_terms["w"]
+    torch.testing.assert_close(w, 1 - (3 + (z.argmax(1) == y).sum()) / (7 + B))
+    expected = l_hard + w * l_res + l_upd
+    expected.backward()
+    tol = {"rtol": 2e-5, "atol": 1e-6}
+    torch.testing.assert_close(loss, expected, **tol)
+    torch.testing.assert_close(
+        torch.stack([crit.last_terms[k] for k in ("L_hard", "L_res", "L_upd")]),
+        torch.stack([l_hard, l_res, l_upd]).detach(),
+        **tol,
+    )
+    torch.testing.assert_close(logits.grad, z.grad, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(crit.S.grad, S.grad, rtol=2e-5, atol=1e-7)
+
+
+def test_fused_path_is_stable_when_the_target_probability_rounds_to_one():
+    """p_y = 1 in float32 (target logit 60 above the rest): p_res still comes from the residual logits."""
+    K = 6
+    logits = torch.tensor([[60.0, 1.0, 2.0, 0.0, -1.0, 0.5]], requires_grad=True)
+    y = torch.tensor([0])
+    crit = ALRLoss(K)
+    crit(logits, y).backward()
+    z = logits.detach().clone().requires_grad_()
+    S = crit.S.detach().clone().requires_grad_()
+    l_hard, l_res, l_upd = alr_terms_reference(z, S, y)
+    (l_hard + crit.last_terms["w"] * l_res + l_upd).backward()
+    torch.testing.assert_close(logits.grad, z.grad)
+    torch.testing.assert_close(crit.S.grad, S.grad)
+    assert crit.S.grad.abs().sum() > 0  # q_res (uniform) differs from p_res: S learns even here

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 def residual_index(targets: Tensor, num_classes: int) -> Tensor:
@@ -14,7 +15,88 @@ def residual_index(targets: Tensor, num_classes: int) -> Tensor:
     (SPEC §1). Built per batch, never as a K×K matrix.
     """
     cols = torch.arange(num_classes - 1, device=targets.device)
-    return cols + (cols.unsqueeze(0) >= targets.unsqueeze(1)).long()
+    return cols + (cols >= targets.unsqueeze(1))  # int64 + bool: one kernel, no conversion pass
+
+
+def alr_terms_reference(
+    logits: Tensor, S: Tensor, targets: Tensor, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L_hard, L_res, L_upd)`` written as plain autograd ops, straight from eq. 3–5 (SPEC §1).
+
+    The definition :class:`ALRLoss`'s fused path is tested against (values and gradients) and
+    benchmarked beside (``bench/bench_loss.py``); not used for training.
+    """
+    l_hard = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    log_p_res = torch.log_softmax(logits.gather(1, residual_index(targets, logits.shape[1])), dim=1)
+    log_q_res = torch.log_softmax(S[targets], dim=1)
+    l_res = -(log_q_res.detach().exp() * log_p_res).sum(dim=1).mean()
+    l_upd = -(log_p_res.detach().exp() * log_q_res).sum(dim=1).mean()
+    return l_hard, l_res, l_upd
+
+
+class _ALRFunction(torch.autograd.Function):
+    """``L_hard + w·L_res + L_upd`` in one node, its backward the closed form of eq. 7–8.
+
+    Plain autograd (:func:`alr_terms_reference`) measures about 14× a fused cross entropy at K=1000:
+    two more softmaxes, a gather and an index whose backward passes each build their own zero
+    tensors, and a dozen small nodes. Here one log-softmax of ``z`` serves ``L_hard`` and the backward
+    (``p = exp(log_p)``); ``p_res − q_res`` is kept from the forward; the gradients are written
+    directly:
+
+    * ``∂L/∂z = c_h·(p − (1−ε)·onehot(y) − ε/K) + w·c_r·(p_res − q_res)`` at the non-target columns,
+    * ``∂L/∂S[k] = c_u·Σ_{i: y_i=k} (q_res_i − p_res_i)``, both divided by B.
+
+    ``p_res`` is the ``log_softmax`` of the residual logits themselves, not ``p_j / (1 − p_y)``: the
+    latter loses ``1 − p_y`` to rounding once ``p_y`` is within float32's epsilon of 1.
+    Returns the loss and the three terms (``c·L/B`` each, not differentiable). The backward is
+    first-order only (``once_differentiable``): training never differentiates it again.
+    """
+
+    @staticmethod
+    def forward(ctx, z, S, targets, w, eps, scale):
+        B, K = z.shape
+        c_hard, c_res, c_upd = scale
+        log_p = torch.log_softmax(z, dim=1)
+        l_hard = log_p.gather(1, targets.unsqueeze(1)).sum().neg()
+        if eps:
+            l_hard = (1.0 - eps) * l_hard - (eps / K) * log_p.sum()
+        # Residual column j is class j before the target, class j + 1 from it on (residual_index):
+        # two shifted views and a mask instead of an int64 index, a gather and its scatter.
+        before = torch.arange(K - 1, device=z.device) < targets.unsqueeze(1)
+        log_p_res = torch.log_softmax(torch.where(before, z[:, :-1], z[:, 1:]), dim=1)
+        log_q_res = torch.log_softmax(S.index_select(0, targets), dim=1)
+        p_res, q_res = log_p_res.exp(), log_q_res.exp()
+        l_res = torch.dot(q_res.view(-1), log_p_res.view(-1)).neg()
+        l_upd = torch.dot(p_res.view(-1), log_q_res.view(-1)).neg()
+        terms = torch.stack([l_hard * (c_hard / B), l_res * (c_res / B), l_upd * (c_upd / B)])
+        loss = terms[0] + w * terms[1] + terms[2]
+        ctx.save_for_backward(log_p, targets, before, p_res.sub_(q_res), w)
+        ctx.eps, ctx.scale = eps, scale
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_terms):
+        log_p, targets, before, d_res, w = ctx.saved_tensors
+        eps, (c_hard, c_res, c_upd) = ctx.eps, ctx.scale
+        B, K = log_p.shape
+        g = grad_loss / B
+        grad_z = grad_S = None
+        if ctx.needs_input_grad[0]:
+            grad_z = log_p.exp()
+            if eps:
+                grad_z.sub_(eps / K)
+            grad_z.scatter_add_(1, targets.unsqueeze(1), grad_z.new_full((B, 1), eps - 1.0))
+            if c_hard != 1.0:
+                grad_z.mul_(c_hard)
+            r = d_res * (w * c_res)
+            grad_z[:, :-1] += torch.where(before, r, 0.0)
+            grad_z[:, 1:] += torch.where(before, 0.0, r)
+            grad_z.mul_(g)
+        if ctx.needs_input_grad[1]:
+            grad_S = d_res.new_zeros(K, K - 1).index_add_(0, targets, d_res * (g * -c_upd))
+        return grad_z, grad_S, None, None, None, None
 
 
 class ALRLoss(nn.Module):
@@ -45,6 +127,11 @@ class ALRLoss(nn.Module):
       logits' dtype, so fp16/bf16 training cannot overflow inside the softmaxes.
     * ``S`` is trained by the run's own optimizer and schedule (its own parameter group; the
       trainer gives it weight decay 0 unless configured), as the paper trains it jointly.
+
+    Speed: the three terms and their gradients are one autograd node whose backward writes the
+    closed forms of eq. 7–8 (:class:`_ALRFunction`); tests hold it to the plain autograd
+    definition :func:`alr_terms_reference`. No K×K matrix is built per step; ``S``'s gradient is
+    the dense ``K×(K−1)`` any optimizer needs.
     """
 
     def __init__(
@@ -93,34 +180,19 @@ class ALRLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         with torch.autocast(device_type=logits.device.type, enabled=False):
             z = logits.float()
-            K = self.num_classes
-            l_hard = F.cross_entropy(z, targets, label_smoothing=self.label_smoothing)
-
             with torch.no_grad():
-                correct = (z.argmax(dim=1) == targets).sum()
+                # max's indices are argmax's (the first maximum), at a third of argmax's cost on CPU
+                correct = (z.max(dim=1).indices == targets).sum()
                 if self.acc_source == "batch":
                     self.correct.zero_()
                     self.seen.zero_()
                 self.correct += correct
                 self.seen += targets.numel()
                 w = 1.0 - self.acc_train
-
-            log_p_res = torch.log_softmax(z.gather(1, residual_index(targets, K)), dim=1)
-            log_q_res = torch.log_softmax(self.S[targets].float(), dim=1)
-            l_res = -(log_q_res.detach().exp() * log_p_res).sum(dim=1).mean()
-            l_upd = -(log_p_res.detach().exp() * log_q_res).sum(dim=1).mean()
-            if self.class_mean:
-                l_hard = l_hard / K
-                l_res = l_res / (K - 1)
-                l_upd = l_upd / (K - 1)
-
-            loss = l_hard + w * l_res + l_upd
-        self.last_terms = {
-            "L_hard": l_hard.detach(),
-            "L_res": l_res.detach(),
-            "L_upd": l_upd.detach(),
-            "w": w.detach(),
-        }
+            K = self.num_classes
+            scale = (1.0 / K, 1.0 / (K - 1), 1.0 / (K - 1)) if self.class_mean else (1.0, 1.0, 1.0)
+            loss, terms = _ALRFunction.apply(z, self.S.float(), targets, w, self.label_smoothing, scale)
+        self.last_terms = {"L_hard": terms[0], "L_res": terms[1], "L_upd": terms[2], "w": w}
         return loss
 
     def extra_repr(self) -> str:

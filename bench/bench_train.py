@@ -1,0 +1,205 @@
+"""Items 2 and 3: per-step time of the suite's trainer with ``alr_s`` and ``baseline``, and of a bare loop.
+
+Three variants, each a fresh run of ``--steps`` training steps of the same backbone on the same
+batches (synthetic files in CIFAR-10's on-disk format, the suite's on-device loader), in rotating
+order for ``--rounds`` rounds:
+
+* ``trainer baseline`` and ``trainer alr_s``: ``alr.trainer.fit`` itself, as ``python -m alr.train``
+  composes it (``dataset=cifar10 model=<model> method=...``), so per-step bookkeeping, logging
+  syncs (every ``trainer.log_every`` steps) and the method's own parameters are all counted;
+* ``bare loop``: a hand-written PyTorch loop doing the same work: same model, optimizer, batches,
+  precision, cross entropy, and nothing else.
+
+A step's time is the wall time between two consecutive batches leaving the loader (timestamps taken
+in a wrapper around the training batches; on CUDA each timestamp synchronises the device). The
+first step of every run (allocations, kernel selection) is dropped, and so is the last (it has no
+next batch), so each run gives ``steps − 2`` samples. Medians over all samples of a variant; the
+spread is the min-max of the per-round ratios.
+
+    python bench/bench_train.py            # preact_resnet18, batch 128, 4 rounds × 6 steps
+    python bench/bench_train.py --quick    # batch 8, 1 round × 3 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Iterator
+from contextlib import nullcontext
+from itertools import islice
+from pathlib import Path
+
+import benchutil
+import torch
+import torch.nn.functional as F
+from bench_cifar_pipeline import write_synthetic_cifar10
+from benchutil import add_common_args, describe, flat, interleave, iqr, median, ratio_with_spread, setup, sync
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch import Tensor
+
+from alr.trainer import DTYPES, fit, seed_everything
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TARGET_METHOD = 0.01  # issue 6: alr_s within 1 % of baseline per step
+TARGET_TRAINER = 0.95  # and the trainer at least 0.95 of a bare loop's steps per second
+
+_stamps: list[float] = []  # filled by TimedBatches, read after each run
+
+
+class TimedBatches:
+    """The training batches of a data bundle, with a timestamp each time a batch leaves."""
+
+    def __init__(self, inner, device: torch.device) -> None:
+        self.inner, self.device = inner, device
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.inner.epoch(epoch):
+            sync(self.device)
+            _stamps.append(benchutil.clock())
+            yield batch
+
+
+def timed_build(device: torch.device, **kwargs):
+    """``alr.data.cifar.build`` with its training batches timed: the ``_target_`` the benched configs use."""
+    from alr.data import cifar
+
+    data = cifar.build(device=device, **kwargs)
+    data.train = TimedBatches(data.train, torch.device(device))
+    return data
+
+
+def compose_run(method: str, data_dir: str, model: str, batch: int, steps: int, device: str) -> DictConfig:
+    """The config ``python -m alr.train`` would compose, shrunk to ``steps`` steps and one tiny test batch."""
+    GlobalHydra.instance().clear()
+    overrides = [
+        "dataset=cifar10",
+        f"dataset.data_dir={data_dir}",
+        f"model={model}",
+        f"method={method}",
+        "trainer.epochs=1",
+        f"trainer.batch_size={batch}",
+        f"trainer.limit_train_batches={steps}",
+        "trainer.limit_test_batches=1",
+        "trainer.progress=false",
+        "trainer.resume=false",
+        f"trainer.device={device}",
+        "dataset.build.eval_batch_size=16",
+        f"dataset.build._target_={__name__}.timed_build",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def bare_loop(cfg: DictConfig, device: torch.device) -> None:
+    """The same work as the trainer's baseline run, written plainly: forward, cross entropy, backward, step."""
+    t = cfg.trainer
+    seed_everything(cfg.seed, t.deterministic)
+    data = instantiate(cfg.dataset.build, batch_size=t.batch_size, device=device, seed=cfg.seed)
+    model = instantiate(cfg.model).to(device)
+    channels_last = t.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), weight_decay=cfg.optim.weight_decay)
+    dtype = DTYPES[t.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    model.train()
+    for x, y in islice(data.train.epoch(0), t.limit_train_batches):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext():
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="preact_resnet18")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (the first and last are not timed)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="batch 8, 1 round of 3 steps")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.steps, args.rounds = 8, 3, 1
+    device = setup(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_synthetic_cifar10(root / "data", n=args.batch_size * args.steps, n_test=16)
+
+        def run(method: str | None, r: list[int]) -> list[float]:
+            cfg = compose_run(
+                method or "baseline", str(root / "data"), args.model, args.batch_size, args.steps, device.type
+            )
+            _stamps.clear()
+            if method is None:
+                bare_loop(cfg, device)
+            else:
+                r[0] += 1
+                fit(cfg, root / f"run{r[0]}")
+            return [b - a for a, b in zip(_stamps[1:], _stamps[2:])]
+
+        count = [0]
+        run(None, count)  # warm-up for the process: library initialisation, first kernel selections
+        res = interleave(
+            {
+                "trainer baseline": lambda: run("baseline", count),
+                "trainer alr_s": lambda: run("alr_s", count),
+                "bare loop": lambda: run(None, count),
+            },
+            args.rounds,
+        )
+
+    n = len(flat(res["bare loop"]))
+    print(
+        f"{args.model}, batch {args.batch_size}, fp32, on {describe(device)}: {args.rounds} rounds x 1 run"
+        f" of {args.steps} steps per variant, {n} timed steps per variant"
+    )
+    print(f"{'variant':<18} {'median s/step':>14} {'IQR':>17} {'images/s':>10}")
+    for name, rounds in res.items():
+        lo, hi = iqr(flat(rounds))
+        s = median(flat(rounds))
+        print(f"{name:<18} {s:>14.4f} {lo:>8.4f}-{hi:<8.4f} {args.batch_size / s:>10.1f}")
+    method = ratio_with_spread(res["trainer alr_s"], res["trainer baseline"])
+    trainer = ratio_with_spread(res["bare loop"], res["trainer baseline"])
+    print()
+    print(
+        f"alr_s / baseline, time per step (trainer): {method[0]:.4f} [per-round {method[1]:.4f}-{method[2]:.4f}]"
+        f" -> ALR overhead {100 * (method[0] - 1):+.2f} %"
+    )
+    print(
+        f"trainer / bare loop, steps per second (baseline): {trainer[0]:.4f}"
+        f" [per-round {trainer[1]:.4f}-{trainer[2]:.4f}]"
+    )
+    print()
+    overhead, lo, hi = (100 * (v - 1) for v in method)
+    if method[2] - method[1] > 2 * TARGET_METHOD:  # the rounds disagree by more than the target's width
+        verdict = "not resolved by this run (step-to-step noise is wider than the target)"
+    else:
+        verdict = "holds" if overhead <= 100 * TARGET_METHOD else "does not hold"
+    print(
+        f"target alr_s within 1 % of baseline per step on {device.type}: {verdict}:"
+        f" median overhead {overhead:+.2f} %, per round {lo:+.2f} % to {hi:+.2f} %"
+    )
+    verdict = "holds" if trainer[0] >= TARGET_TRAINER else "does not hold"
+    print(f"target trainer >= {TARGET_TRAINER} of the bare loop's steps/s: {verdict} ({trainer[0]:.4f})")
+    if args.batch_size != 128 or args.model != "preact_resnet18":
+        print(f"(measured with {args.model} at batch {args.batch_size}; the targets are for preact_resnet18 at 128)")
+
+
+if __name__ == "__main__":
+    main()
