@@ -177,6 +177,10 @@ def test_shards_split_a_multirun_without_overlap(tmp_path: Path):
     assert done[0].isdisjoint(done[1])
     assert len(done[0]) == len(done[1]) == 3
     assert done[0] | done[1] == {f"digits-digits_cnn-{m}-s{s}" for m in ("baseline", "alr") for s in range(3)}
+    # Job 0 (baseline, seed 0) ran in shard 0/2; without shard=, or with another GPU count, it is found finished.
+    for shard in ([], ["shard=0/1"]):
+        again = run_train("debug=fast", "method=baseline", "seed=0", *shard, out=tmp_path / "0of2")
+        assert "has finished already: skipping" in again.stdout
 
 
 @pytest.mark.parametrize("value", ["2/2", "1", "a/b", "-1/3"])

@@ -59,8 +59,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Keys that may change between the run that wrote a folder and the command that resumes it: where
-# things are read and written, how progress is shown, which device runs it.
+# things are read and written, how progress is shown, which device (and which shard's process) runs it.
 RESUMABLE_CHANGES = (
+    "shard",
     "paths",
     "logger",
     "trainer.progress",
