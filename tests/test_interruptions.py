@@ -77,8 +77,8 @@ def test_submitit_preemption_checkpoints_requeues_and_resumes(tmp_path):
     assert once.exists()
     run_dir = tmp_path / "default" / "digits-digits_cnn-alr-s0"
     text = "".join(p.read_text() for p in sorted((tmp_path / "default" / ".submitit").glob("*/*_log.*")))
-    assert "stopped by SIGUSR2 after epoch 2, step 2 (checkpoint written)" in text
-    assert "Requeued job" in text and "resuming" in text and "after epoch 1, step 2" in text
+    assert "stopped by SIGUSR2 after step 2 of epoch 2 (checkpoint written)" in text
+    assert "Requeued job" in text and "resuming" in text and "after step 2 of epoch 2" in text
     assert json.loads((run_dir / "result.json").read_text())["status"] == "finished"
     assert [json.loads(s)["epoch"] for s in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 

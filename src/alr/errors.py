@@ -13,3 +13,7 @@ class CheckpointError(RunError):
 
 class DiskFullError(RunError):
     """The disk filled up while saving; the previous file is intact."""
+
+
+class RunFolderConflict(RunError):
+    """A run folder that holds a run of another config: a sweep reports it and goes on with its other jobs."""

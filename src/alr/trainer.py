@@ -19,6 +19,7 @@ Reliability (README, "When things go wrong"):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -34,7 +35,7 @@ import torch
 import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -47,7 +48,7 @@ from alr.checkpoint import (
     write_json,
     write_text,
 )
-from alr.errors import CheckpointError, RunError
+from alr.errors import CheckpointError, RunError, RunFolderConflict
 from alr.loggers import build_logger
 from alr.preempt import StopOnSignal
 
@@ -148,12 +149,37 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key (saved -> now)`` for every key that differs, except :data:`RESUMABLE_CHANGES`."""
+def resumable_keys(cfg: DictConfig) -> set[str]:
+    """:data:`RESUMABLE_CHANGES`, plus every key whose value is computed from one of them.
+
+    A config node may copy a resumable key by interpolation (``dataset.build.data_dir: ${..data_dir}``,
+    a KD teacher's folder under ``${paths.output_dir}``); such a copy may change with the key it copies.
+    The copies are found from the interpolations themselves, for every data set and method: each
+    resumable leaf is set to a distinct marker in a copy of the config, and the keys whose resolved
+    value then differs depend on one. (A key that mixes in a non-resumable key is safe to skip here:
+    that key is compared on its own.)
+    """
+    marked = copy.deepcopy(cfg)
+    raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    leaves = [k for k in raw if any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+    with open_dict(marked):
+        for i, leaf in enumerate(leaves):
+            OmegaConf.update(marked, leaf, f"<resumable {i}>", force_add=True)
+    try:
+        before = _flatten(OmegaConf.to_container(cfg, resolve=True))
+        after = _flatten(OmegaConf.to_container(marked, resolve=True))
+    except Exception:  # an interpolation that cannot take a marker: keep to the listed keys
+        return set(RESUMABLE_CHANGES)
+    return set(RESUMABLE_CHANGES) | {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], resumable: set[str] | None = None) -> list[str]:
+    """``key (saved -> now)`` for every key that differs, except the ``resumable`` ones (and their children)."""
     a, b = _flatten(saved), _flatten(now)
+    skip = set(RESUMABLE_CHANGES) if resumable is None else resumable
 
     def keep(key: str) -> bool:
-        return not any(key == p or key.startswith(p + ".") for p in RESUMABLE_CHANGES)
+        return not any(key == p or key.startswith(p + ".") for p in skip)
 
     return [
         f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})"
@@ -173,7 +199,7 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise RunError(f"cannot write the run folder {run_dir} ({e.strerror or e}). {fix}") from e
 
 
-def _check_same_run(run_dir: Path, plain_cfg: dict[str, Any]) -> None:
+def _check_same_run(run_dir: Path, plain_cfg: dict[str, Any], resumable: set[str]) -> None:
     """Refuse to resume or skip a run folder that holds a run of another config."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists() or not ((run_dir / "last.pt").exists() or (run_dir / "result.json").exists()):
@@ -191,9 +217,9 @@ def _check_same_run(run_dir: Path, plain_cfg: dict[str, Any]) -> None:
             f"{plain_cfg['config_version']}: the run folder is from another version of the suite. Finish it with "
             "that version, or start fresh in another folder (a different experiment_name or hydra.run.dir)."
         )
-    diff = config_differences(saved, plain_cfg)
+    diff = config_differences(saved, plain_cfg, resumable)
     if diff:
-        raise RunError(
+        raise RunFolderConflict(
             f"{run_dir} holds a run of another config: {'; '.join(diff)}. Rerun with the saved values to resume, "
             "choose another folder (experiment_name=... or hydra.run.dir=...), or set trainer.resume=false to "
             "start over in this folder (its files are overwritten)."
@@ -263,81 +289,228 @@ class _EpochTotals:
             setattr(self, key, value)
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one run into ``run_dir`` (resuming from ``last.pt`` there) and return its result."""
-    result_path, ckpt_path, metrics_path = run_dir / "result.json", run_dir / "last.pt", run_dir / "metrics.jsonl"
-    t = cfg.trainer
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    prepare_run_dir(run_dir)
-    if t.resume:
-        _check_same_run(run_dir, plain_cfg)
-        if result_path.exists() and json.loads(result_path.read_text()).get("status") == "finished":
-            print(f"[alr] {run_dir} has finished already: skipping (trainer.resume=false to train again)")
-            return json.loads(result_path.read_text())
+def where(epoch: int, step: int) -> str:
+    """A point of training as the stop and the resume messages both name it: ``epoch`` whole epochs done,
+    then ``step`` steps of the next one."""
+    return f"step {step} of epoch {epoch + 1}" if step else f"epoch {epoch}"
 
-    # --- set-up (nothing is written until everything that can refuse the run has been checked) ---
-    seed_everything(cfg.seed, t.deterministic)
-    device = pick_device(str(t.device))
-    data = _build(cfg.dataset.build, None, batch_size=t.batch_size, device=device, seed=cfg.seed)
-    if data.num_classes != cfg.dataset.num_classes:
-        raise RunError(
-            f"config key 'dataset.num_classes' is {cfg.dataset.num_classes} but the {cfg.dataset.name} data has "
-            f"{data.num_classes} classes. Remove the override (or set dataset.num_classes={data.num_classes})."
-        )
-    model = _build(cfg.model, f"model '{cfg.model_name}'").to(device)
-    method = _build(cfg.method.module, f"method '{cfg.method.name}'").to(device)
-    if t.channels_last and device.type == "cuda":  # 4-D weights only: the backbone and DML's peer
-        model = model.to(memory_format=torch.channels_last)
-        method = method.to(memory_format=torch.channels_last)
 
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg.optim.weight_decay}]
-    extra = [p for p in method.parameters() if p.requires_grad]
-    if extra:  # ALR's S, DML's peer: their own group, with the method's weight decay (SPEC §1)
-        groups.append({"params": extra, "weight_decay": cfg.method.weight_decay})
-    optimizer = instantiate(cfg.optim.optimizer)(groups)
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer)
-    dtype = DTYPES[t.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+class Parts:
+    """What a run trains with: its data, backbone, method, optimizer, schedule and precision.
 
-    def autocast():
-        if dtype == torch.float32:
+    :meth:`update` is the one place a loss becomes a parameter update; a method's
+    :meth:`~alr.methods.Method.train_step` calls it once (most methods) or once per network (DML in turn).
+    """
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        t = cfg.trainer
+        self.device = device
+        self.data = _build(cfg.dataset.build, None, batch_size=t.batch_size, device=device, seed=cfg.seed)
+        if self.data.num_classes != cfg.dataset.num_classes:
+            raise RunError(
+                f"config key 'dataset.num_classes' is {cfg.dataset.num_classes} but the {cfg.dataset.name} data "
+                f"has {self.data.num_classes} classes. Remove the override (or set "
+                f"dataset.num_classes={self.data.num_classes})."
+            )
+        self.model = _build(cfg.model, f"model '{cfg.model_name}'").to(device)
+        self.method = _build(cfg.method.module, f"method '{cfg.method.name}'").to(device)
+        self.channels_last = bool(t.channels_last) and device.type == "cuda"
+        if self.channels_last:  # 4-D weights only: the backbone and DML's peer
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.method = self.method.to(memory_format=torch.channels_last)
+        groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.optim.weight_decay}]
+        extra = [p for p in self.method.parameters() if p.requires_grad]
+        if extra:  # ALR's S, DML's peer: their own group, with the method's weight decay (SPEC §1)
+            groups.append({"params": extra, "weight_decay": cfg.method.weight_decay})
+        self.optimizer = instantiate(cfg.optim.optimizer)(groups)
+        self.scheduler = instantiate(cfg.optim.scheduler)(self.optimizer)
+        self.dtype = DTYPES[t.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+
+    STATE = ("model", "method", "optimizer", "scheduler", "scaler")
+
+    def autocast(self):
+        if self.dtype == torch.float32:
             return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    start_epoch, start_step, elapsed, best, partial = 0, 0, 0.0, (-1.0, 0), None
-    if t.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    def update(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` and step the optimizer (loss-scaled under fp16).
+
+        Gradients are reset to ``None`` first, so a parameter the loss does not reach is left
+        untouched by this step (no weight decay, no momentum): that is what lets a method update
+        its networks one after the other with one optimizer.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).state_dict() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         try:
-            model.load_state_dict(ckpt["model"])
-            method.load_state_dict(ckpt["method"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            for name in self.STATE:
+                getattr(self, name).load_state_dict(state[name])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(
-                f"{ckpt_path} does not fit this run's model, method or optimizer ({' '.join(str(e).split())[:240]}). "
+                f"{path} does not fit this run's model, method or optimizer ({' '.join(str(e).split())[:240]}). "
                 "Move it away to train from scratch, or set trainer.resume=false."
             ) from e
-        set_rng_state(ckpt["rng"])
-        start_epoch, start_step, partial = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("partial")
-        elapsed, best = ckpt["elapsed"], tuple(ckpt["best"])
-        print(f"[alr] resuming {run_dir} after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
 
-    # --- the run folder: from here on files are written --------------------------------------
+
+class Progress:
+    """Where training stands: whole epochs done, steps done of the next one, time and the best test accuracy."""
+
+    def __init__(self, ckpt: dict[str, Any] | None = None) -> None:
+        ckpt = ckpt or {}
+        self.epoch, self.step, self.partial = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("partial")
+        self.elapsed, self.best = ckpt.get("elapsed", 0.0), tuple(ckpt.get("best", (-1.0, 0)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed": self.elapsed, "best": self.best}
+
+
+def _skip_if_finished(run_dir: Path, plain_cfg: dict[str, Any], resumable: set[str]) -> dict[str, Any] | None:
+    """The saved result of a finished run of this config, after refusing a folder that holds another config."""
+    _check_same_run(run_dir, plain_cfg, resumable)
+    result_path = run_dir / "result.json"
+    if result_path.exists() and json.loads(result_path.read_text()).get("status") == "finished":
+        print(f"[alr] {run_dir} has finished already: skipping (trainer.resume=false to train again)")
+        return json.loads(result_path.read_text())
+    return None
+
+
+def _start_run_folder(run_dir: Path, plain_cfg: dict[str, Any], parts: Parts, progress: Progress) -> dict[str, int]:
+    """Write the config, trim ``metrics.jsonl`` to the checkpoint, the class names and a running ``result.json``."""
+    ckpt_path, metrics_path = run_dir / "last.pt", run_dir / "metrics.jsonl"
     for tmp in stale_temporaries(ckpt_path):  # left by a save that was killed mid-write
         tmp.unlink()
     write_text(OmegaConf.to_yaml(plain_cfg), run_dir / "config.yaml")
     # Lines written after the checkpoint we resume from would otherwise appear twice.
-    history = [m for m in read_metrics(metrics_path) if m["epoch"] <= start_epoch]
+    history = [m for m in read_metrics(metrics_path) if m["epoch"] <= progress.epoch]
     write_text("".join(json.dumps(m) + "\n" for m in history), metrics_path)
+    params = {"backbone": count_params(parts.model), "method": count_params(parts.method)}
+    write_text(json.dumps(parts.data.class_names) + "\n", run_dir / "classes.json")
+    write_json({"status": "running", "params": params}, run_dir / "result.json")
+    return params
 
-    params = {"backbone": count_params(model), "method": count_params(method)}
-    write_text(json.dumps(data.class_names) + "\n", run_dir / "classes.json")
+
+def _train_epoch(
+    cfg: DictConfig, parts: Parts, progress: Progress, epoch: int, steps: int, stop: StopOnSignal, bar: tqdm, save
+) -> _EpochTotals:
+    """Train epoch ``epoch`` (0-based), from the step a mid-epoch checkpoint reached; return its running sums."""
+    t, model, method = cfg.trainer, parts.model, parts.method
+    model.train()
+    method.train()
+    totals = _EpochTotals(parts.device)
+    skip = progress.step if epoch == progress.epoch else 0
+    if skip:
+        totals.load_state_dict(progress.partial)  # the method's own state came back with method.state_dict()
+    else:
+        method.start_epoch()
+    t0 = time.perf_counter()
+    batches = islice(parts.data.train.epoch(epoch), steps)
+    for _ in range(skip):  # the same batches (and augmentation draws) as the interrupted run
+        next(batches)
+    for step, (x, y) in enumerate(batches, start=skip):
+        if parts.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = method.train_step(model, x, y, parts.update, parts.autocast)
+        totals.add(step, out, y)
+        bar.update(1)
+        if (step + 1) % t.log_every == 0 or step + 1 == steps:
+            totals.check_finite(epoch)
+            bar.set_postfix_str(f"epoch {epoch + 1}/{t.epochs} loss {float(totals.sums[0]) / (step + 1):.4f}")
+        if stop.signum is not None and step + 1 < steps:
+            totals.check_finite(epoch)
+            totals.seconds += time.perf_counter() - t0
+            save(epoch, step + 1, totals)
+            raise stop.interrupted(f"{where(epoch, step + 1)} (checkpoint written)")
+    parts.scheduler.step()
+    if parts.device.type == "cuda":
+        torch.cuda.synchronize(parts.device)
+    totals.seconds += time.perf_counter() - t0
+    return totals
+
+
+def _record(cfg: DictConfig, parts: Parts, epoch: int, steps: int, lr: float, totals: _EpochTotals) -> dict[str, Any]:
+    """Epoch ``epoch``'s line of ``metrics.jsonl``: the training terms and accuracy, then the test metrics."""
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+    record.update({f"train/{k}": float(v) / steps for k, v in zip(totals.names, totals.sums)})
+    record["train/acc"] = 100.0 * float(totals.correct) / totals.seen
+    record.update(evaluate(parts.model, parts.method, parts.data.test, cfg.trainer.limit_test_batches, parts.autocast))
+    record["seconds"] = totals.seconds + time.perf_counter() - t0
+    record["train/images_per_s"] = totals.seen / totals.seconds
+    return record
+
+
+def _write_epoch(run_dir: Path, cfg: DictConfig, parts: Parts, record: dict[str, Any], logger) -> None:
+    """Append the epoch's metrics, log them, and save the method's matrices when a snapshot is due."""
+    metrics_path, epoch, t = run_dir / "metrics.jsonl", record["epoch"], cfg.trainer
+    with disk_errors(metrics_path), metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    logger.log(record, step=epoch)
+    if epoch % t.snapshot_every == 0 or epoch == t.epochs:
+        for name, matrix in parts.method.snapshots().items():
+            (run_dir / name).mkdir(exist_ok=True)
+            m = matrix.float().cpu().numpy()
+            with disk_errors(run_dir / name):
+                np.save(run_dir / name / f"epoch_{epoch:03d}.npy", m)
+            logger.log_matrix(name, m, parts.data.class_names, step=epoch)
+
+
+def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str, int], run_dir: Path) -> dict:
+    final = read_metrics(run_dir / "metrics.jsonl")[-1]
+    device = parts.device
+    return {
+        "status": "finished",
+        "final_test_acc": final["test/acc"],
+        "final_test_acc5": final.get("test/acc5"),
+        "best_test_acc": progress.best[0],
+        "best_epoch": progress.best[1],
+        "epochs": cfg.trainer.epochs,
+        "params": params,
+        "wall_time_s": progress.elapsed,
+        "experiment": cfg.experiment_name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model_name,
+        "method": cfg.method.name,
+        "seed": cfg.seed,
+        "precision": cfg.trainer.precision,
+        "torch_version": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "alr_version": alr.__version__,
+    }
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one run into ``run_dir`` (resuming from ``last.pt`` there) and return its result."""
+    ckpt_path, t = run_dir / "last.pt", cfg.trainer
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    prepare_run_dir(run_dir)
+    if t.resume and (done := _skip_if_finished(run_dir, plain_cfg, resumable_keys(cfg))) is not None:
+        return done
+
+    # --- set-up: nothing is written until everything that can refuse the run has been checked ---
+    seed_everything(cfg.seed, t.deterministic)
+    parts = Parts(cfg, pick_device(str(t.device)))
+    progress = Progress()
+    if t.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=parts.device)
+        parts.load_state_dict(ckpt, ckpt_path)
+        set_rng_state(ckpt["rng"])
+        progress = Progress(ckpt)
+        print(f"[alr] resuming {run_dir} after {where(progress.epoch, progress.step)}")
+
+    # --- the run folder: from here on files are written ---
+    params = _start_run_folder(run_dir, plain_cfg, parts, progress)
     logger = build_logger(plain_cfg, run_dir)
-    write_json({"status": "running", "params": params}, result_path)
-    steps = min(len(data.train), t.limit_train_batches or len(data.train))
+    steps = min(len(parts.data.train), t.limit_train_batches or len(parts.data.train))
     bar = tqdm(
-        total=(t.epochs - start_epoch) * steps - start_step,
+        total=(t.epochs - progress.epoch) * steps - progress.step,
         disable=not t.progress,
         desc=cfg.run_name,
         unit="step",
@@ -346,119 +519,32 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     def save(epoch: int, step: int, totals: _EpochTotals | None) -> None:
         """``last.pt`` after ``epoch`` whole epochs and ``step`` steps of the next one."""
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "partial": totals.state_dict() if totals else None,
-                "elapsed": elapsed,
-                "best": best,
-                "rng": rng_state(),
-                "config": plain_cfg,
-                "alr_version": alr.__version__,
-            },
-            ckpt_path,
-        )
+        state = {**parts.state_dict(), **progress.state_dict(), "epoch": epoch, "step": step}
+        state.update(partial=totals.state_dict() if totals else None, rng=rng_state(), config=plain_cfg)
+        save_checkpoint({**state, "alr_version": alr.__version__}, ckpt_path)
 
     exit_code = 1
     try:
         with StopOnSignal() as stop:
-            for epoch in range(start_epoch, t.epochs):
-                # --- train -----------------------------------------------------------------
-                model.train()
-                method.train()
-                totals = _EpochTotals(device)
-                skip = start_step if epoch == start_epoch else 0
-                if skip:
-                    totals.load_state_dict(partial)  # the method's own state came back with method.state_dict()
-                else:
-                    method.start_epoch()
-                t0 = time.perf_counter()
-                batches = islice(data.train.epoch(epoch), steps)
-                for _ in range(skip):  # the same batches (and augmentation draws) as the interrupted run
-                    next(batches)
-                for step, (x, y) in enumerate(batches, start=skip):
-                    if t.channels_last and device.type == "cuda" and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast():
-                        out = method(model, x, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(out.loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    totals.add(step, out, y)
-                    bar.update(1)
-                    if (step + 1) % t.log_every == 0 or step + 1 == steps:
-                        totals.check_finite(epoch)
-                        bar.set_postfix_str(
-                            f"epoch {epoch + 1}/{t.epochs} loss {float(totals.sums[0]) / (step + 1):.4f}"
-                        )
-                    if stop.signum is not None and step + 1 < steps:
-                        totals.check_finite(epoch)
-                        totals.seconds += time.perf_counter() - t0
-                        save(epoch, step + 1, totals)
-                        raise stop.interrupted(f"epoch {epoch + 1}, step {step + 1} (checkpoint written)")
-                scheduler_lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                train_seconds = totals.seconds + time.perf_counter() - t0
-
-                # --- evaluate and record -----------------------------------------------------
-                record: dict[str, Any] = {"epoch": epoch + 1, "lr": scheduler_lr}
-                record.update({f"train/{k}": float(v) / steps for k, v in zip(totals.names, totals.sums)})
-                record["train/acc"] = 100.0 * float(totals.correct) / totals.seen
-                record.update(evaluate(model, method, data.test, t.limit_test_batches, autocast))
-                record["seconds"] = totals.seconds + time.perf_counter() - t0
-                record["train/images_per_s"] = totals.seen / train_seconds
-                elapsed += record["seconds"]
-                if record["test/acc"] > best[0]:
-                    best = (record["test/acc"], epoch + 1)
-                with disk_errors(metrics_path), metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                logger.log(record, step=epoch + 1)
-                if (epoch + 1) % t.snapshot_every == 0 or epoch + 1 == t.epochs:
-                    for name, matrix in method.snapshots().items():
-                        (run_dir / name).mkdir(exist_ok=True)
-                        m = matrix.float().cpu().numpy()
-                        with disk_errors(run_dir / name):
-                            np.save(run_dir / name / f"epoch_{epoch + 1:03d}.npy", m)
-                        logger.log_matrix(name, m, data.class_names, step=epoch + 1)
+            for epoch in range(progress.epoch, t.epochs):
+                lr = parts.optimizer.param_groups[0]["lr"]
+                totals = _train_epoch(cfg, parts, progress, epoch, steps, stop, bar, save)
+                record = _record(cfg, parts, epoch, steps, lr, totals)
+                progress.elapsed += record["seconds"]
+                if record["test/acc"] > progress.best[0]:
+                    progress.best = (record["test/acc"], epoch + 1)
+                _write_epoch(run_dir, cfg, parts, record, logger)
                 save(epoch + 1, 0, None)
                 bar.set_postfix_str(
                     f"epoch {epoch + 1}/{t.epochs} loss {record['train/loss']:.4f} test {record['test/acc']:.2f}%"
                 )
                 if stop.signum is not None and epoch + 1 < t.epochs:
-                    raise stop.interrupted(f"epoch {epoch + 1} (checkpoint written)")
+                    raise stop.interrupted(f"{where(epoch + 1, 0)} (checkpoint written)")
         exit_code = 0
     finally:
         bar.close()
         logger.finish(exit_code)
 
-    final = read_metrics(metrics_path)[-1]
-    result = {
-        "status": "finished",
-        "final_test_acc": final["test/acc"],
-        "final_test_acc5": final.get("test/acc5"),
-        "best_test_acc": best[0],
-        "best_epoch": best[1],
-        "epochs": t.epochs,
-        "params": params,
-        "wall_time_s": elapsed,
-        "experiment": cfg.experiment_name,
-        "dataset": cfg.dataset.name,
-        "model": cfg.model_name,
-        "method": cfg.method.name,
-        "seed": cfg.seed,
-        "precision": t.precision,
-        "torch_version": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "alr_version": alr.__version__,
-    }
-    write_json(result, result_path)
+    result = _result(cfg, parts, progress, params, run_dir)
+    write_json(result, run_dir / "result.json")
     return result

@@ -2,7 +2,7 @@
 
 from alr.methods.alr_loss import ALRLoss, residual_index
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
-from alr.methods.supervised import CrossEntropy, Method, StepOutput, Supervised
+from alr.methods.supervised import CrossEntropy, Method, StepOutput, Supervised, Update
 
 __all__ = [
     "ALRLoss",
@@ -12,5 +12,6 @@ __all__ = [
     "Method",
     "StepOutput",
     "Supervised",
+    "Update",
     "residual_index",
 ]

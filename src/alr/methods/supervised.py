@@ -8,6 +8,8 @@ method, so the optimizer and the checkpoint pick them up through ``method.parame
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
@@ -39,11 +41,33 @@ class CrossEntropy(nn.Module):
         return loss
 
 
+# ``update(loss)``: back-propagate a loss and step the run's optimizer (the trainer's, with its loss scaling).
+Update = Callable[[Tensor], None]
+
+
 class Method(nn.Module):
     """The interface the trainer calls; subclasses implement ``forward`` and override what they need."""
 
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         raise NotImplementedError
+
+    def train_step(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        update: Update,
+        autocast: Callable[[], AbstractContextManager],
+    ) -> StepOutput:
+        """One training step: one forward pass under ``autocast`` and one ``update`` of every parameter.
+
+        A method that updates its networks in turn (DML) overrides this and calls ``update`` once per
+        network; ``update`` leaves alone the parameters its loss does not reach.
+        """
+        with autocast():
+            out = self(model, inputs, targets)
+        update(out.loss)
+        return out
 
     def start_epoch(self) -> None:
         """Called by the trainer before each training epoch."""
