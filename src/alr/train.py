@@ -13,8 +13,9 @@ from omegaconf import DictConfig
 
 from alr.checkpoint import write_json
 from alr.config_check import ConfigError, parse_shard, validate
-from alr.errors import RunError
+from alr.errors import RunError, RunFolderConflict
 from alr.preempt import Interrupted
+from alr.sweep import REFUSED
 from alr.trainer import NonFiniteLossError, fit, prepare_run_dir
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -57,6 +58,12 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {run_dir}: {e}", file=sys.stderr)
         if HydraConfig.get().mode.name == "MULTIRUN":
             return None  # the sweep goes on with the other jobs; the tables show this cell as failed
+        sys.exit(1)
+    except RunFolderConflict as e:  # nothing written; a sweep goes on with its other jobs
+        print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            REFUSED.append(str(e))  # ExitOnRefused names them when the sweep ends
+            return None
         sys.exit(1)
     except RunError as e:  # bad data, checkpoint, run folder, full disk: nothing was written over
         print(f"error: {e}", file=sys.stderr)

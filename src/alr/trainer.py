@@ -72,6 +72,7 @@ RESUMABLE_CHANGES = (
     "trainer.channels_last",
     "dataset.data_dir",
     "dataset.download",
+    "dataset.download_timeout_s",
     "dataset.num_workers",
 )
 

@@ -22,6 +22,8 @@ The normalisation constants are each training set's per-channel pixel mean and s
 from __future__ import annotations
 
 import pickle
+import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from alr.data.batches import DataBundle, TensorBatches
+from alr.errors import RunError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 PIXELS = 3 * 32 * 32
@@ -51,6 +54,8 @@ class _Layout:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    torchvision_class: str
+    archive_mb: int
 
 
 LAYOUTS = {
@@ -64,6 +69,8 @@ LAYOUTS = {
         num_classes=10,
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
+        torchvision_class="CIFAR10",
+        archive_mb=163,
     ),
     "cifar100": _Layout(
         folder="cifar-100-python",
@@ -75,6 +82,8 @@ LAYOUTS = {
         num_classes=100,
         mean=(0.5071, 0.4865, 0.4409),
         std=(0.2673, 0.2564, 0.2762),
+        torchvision_class="CIFAR100",
+        archive_mb=161,
     ),
 }
 
@@ -160,12 +169,48 @@ def load_arrays(name: str, data_dir: str | Path) -> dict[str, Any]:
     return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, class_names=names)
 
 
-def download_cifar(name: str, data_dir: str | Path) -> None:
-    """Download and unpack ``name`` into ``data_dir`` with torchvision (skipped if already there)."""
-    from torchvision import datasets
+def download_cifar(name: str, data_dir: str | Path, timeout_s: float = 60.0) -> None:
+    """Download and unpack ``name`` into ``data_dir`` with torchvision, unless its files are there and intact.
 
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
-    cls(root=str(data_dir), train=True, download=True)
+    Files that are there but fail torchvision's checksum are never downloaded over: the error says so
+    and what to do. The download says what it fetches and where before it starts, shows a progress
+    bar, gives up after ``timeout_s`` seconds without data, and fails with one line naming the URL,
+    the folder and how to put the files there by hand.
+    """
+    from torchvision import datasets
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+    layout, data_dir = _layout(name), Path(data_dir)
+    tv = getattr(datasets, layout.torchvision_class)
+    files = [(data_dir / tv.base_folder / f, md5) for f, md5 in tv.train_list + tv.test_list]
+    bad = [path for path, md5 in files if not check_integrity(str(path), md5)]
+    if not bad:
+        return
+    present = [path for path in bad if path.is_file()]
+    if present:
+        raise RunError(
+            f"{name}: {present[0]}{f' and {len(present) - 1} more file(s)' if len(present) > 1 else ''} fail "
+            f"torchvision's checksum, so dataset.download=true would replace them. Move {data_dir / tv.base_folder} "
+            "away (or delete it) to download afresh, or drop dataset.download=true to train on the files as they are."
+        )
+    print(
+        f"[alr] {name}: downloading {tv.url} ({layout.archive_mb} MB) into {data_dir}; "
+        f"it gives up after {timeout_s:g} s without data",
+        file=sys.stderr,
+    )
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # torchvision's urlopen takes no timeout of its own
+    try:
+        download_and_extract_archive(tv.url, str(data_dir), filename=tv.filename, md5=tv.tgz_md5)
+    except (OSError, RuntimeError) as e:  # no network, refused, timed out (OSErrors); a bad archive (RuntimeError)
+        reason = getattr(e, "reason", None) or e
+        raise RunError(
+            f"{name}: could not download {tv.url} into {data_dir} ({reason}). Without a network, fetch "
+            f"{tv.filename} on a machine that has one, unpack it there (tar xzf {tv.filename} -C {data_dir} makes "
+            f"{tv.base_folder}/), and rerun without dataset.download=true."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 class Normalize:
@@ -264,13 +309,14 @@ def build(
     download: bool = False,
     eval_batch_size: int = 1000,
     num_workers: int = 4,
+    download_timeout_s: float = 60.0,
 ) -> DataBundle:
     """CIFAR-10 or CIFAR-100 (``name``) from ``data_dir`` as training and test batches on ``device``."""
     if loader not in ("gpu", "torchvision"):
         raise ValueError(f"loader must be 'gpu' or 'torchvision', not {loader!r}")
     layout = _layout(name)
     if download:
-        download_cifar(name, data_dir)
+        download_cifar(name, data_dir, download_timeout_s)
     arrays = load_arrays(name, data_dir)
     if loader == "gpu":
         normalize = Normalize(layout.mean, layout.std, device)
