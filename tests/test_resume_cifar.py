@@ -93,3 +93,13 @@ def test_a_sweep_resumes_past_changed_loader_keys_and_goes_on_past_a_refused_fol
     assert _status(out, 2) == "finished"
     assert "error: 1 run folder(s) of this sweep were refused" in proc.stderr
     assert f"{_run_dir(out, 0)} holds a run of another config: dataset.build.eval_batch_size" in proc.stderr
+
+
+def test_copies_of_resumable_keys_are_found_from_the_interpolations():
+    from alr.trainer import resumable_keys
+    from conftest import compose
+
+    keys = resumable_keys(compose("dataset=cifar100", "model=resnet32", "method=kd"))
+    copies = {f"dataset.build.{k}" for k in ("data_dir", "download", "num_workers", "download_timeout_s")}
+    assert copies | {"method.teacher_run", "method.module.teacher_run"} <= keys
+    assert not {"dataset.build.eval_batch_size", "dataset.build.loader", "dataset.build.name", "model_name"} & keys
