@@ -30,7 +30,7 @@ demo: $(STAMP) ## main job: 4 methods x 3 seeds on scikit-learn digits (CPU), th
 plots: $(STAMP) ## learning curves per table cell and residual-label heatmaps from the run folders, into results/plots/
 	$(PY) -m alr.report plots --runs $(RUNS) --out results/plots
 
-results: $(STAMP) ## every table and plot the run folders allow (results/), then the cells still missing
+results: $(STAMP) ## every table and plot the run folders allow, the reproduction status (results/status.md, README), the cells still missing
 	$(PY) -m alr.report all --runs $(RUNS) --out results
 	$(PY) scripts/sync_readme.py
 
@@ -48,7 +48,7 @@ format: $(STAMP) ## apply ruff's formatting and import order
 	$(PY) -m ruff check --fix --select I src tests scripts bench
 	$(PY) -m ruff format src tests scripts bench
 
-bench: $(STAMP) ## speed benchmarks (bench/*.py, CPU: under 10 minutes) into results/bench.md and the README
+bench: $(STAMP) ## speed benchmarks (bench/*.py, CPU: under 10 minutes) into results/bench.md and docs/speed.md
 	$(PY) bench/run_all.py --out results/bench.md
 	$(PY) scripts/sync_readme.py
 

@@ -1,6 +1,6 @@
 """Run every bench and write ``results/bench.md``: machine, torch version, device, then each bench's figures.
 
-``make bench`` runs this, then copies the report into the README's "Speed" section (hence its
+``make bench`` runs this, then copies the report into docs/speed.md (hence its
 ``###`` headings). Each bench prints ratios measured side by side in this one process, the
 variants interleaved, medians with their spread; this driver only collects the printouts.
 

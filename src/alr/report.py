@@ -12,6 +12,7 @@ from alr.reporting.figures import residual_label_panels
 from alr.reporting.grid import expected_grid, missing_cells
 from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
+from alr.reporting.status import write_status
 from alr.reporting.tables import demo_table, table1
 from alr.train import CONFIG_DIR
 
@@ -82,6 +83,8 @@ def build_all(runs_root: Path, results: Path) -> list[str]:
     runs = load_runs(runs_root)
     written = write_plots(runs, results / "plots")
     print(f"== plots: {len(written)} PNG files under {results / 'plots'}")
+    print("== reproduction status")
+    print(write_status(runs_root, results))
     missing = []
     for config in sorted(Path(CONFIG_DIR, "experiment").glob("*.yaml")):
         grid = expected_grid(config.stem)

@@ -5,7 +5,7 @@ resume from ``last.pt``, then per epoch: train, evaluate, write ``metrics.jsonl`
 ``last.pt``; finally ``result.json``. The loop knows nothing about any method: ``method(model, x, y)``
 returns the loss, the logits and the terms to log (see :mod:`alr.methods.supervised`).
 
-Reliability (README, "When things go wrong"):
+Reliability (docs/reliability.md):
 
 - Everything that can refuse a run (the folder, the config it holds, the data, the method, the
   checkpoint) is checked before anything is written, so a refused run changes no file.

@@ -114,7 +114,7 @@ class ALRLoss(nn.Module):
     * ``L_res = −Σ q̂_res · log p_res`` (eq. 5): trains the backbone only (``q̂`` detached).
     * ``L_hard = CE(z, y)``, label-smoothed with ``label_smoothing`` for ALR-S.
 
-    Choices where the paper is silent (also in the README's "Deviations"):
+    Choices where the paper is silent (also in docs/deviations.md):
 
     * **Normalisation.** Eq. 4–5 write ``1/(K−1)`` and the CE of §3 ``1/K``, but the gradients of
       eq. 7–8 carry no such factor. Default: plain cross entropy (sum over classes, mean over the

@@ -87,7 +87,7 @@ class KnowledgeDistillation(Method):
     with α = 0.9 and T = 4 by default; the KL is summed over classes and averaged over the batch
     (``batchmean``), and the T² keeps its gradient's scale independent of T.
 
-    Choices where the papers are silent (also in the README's "Deviations"):
+    Choices where the papers are silent (also in docs/deviations.md):
 
     * **The teacher** is the backbone of a finished run folder (``teacher_run``; Table 4: a WRN-28-10
       trained by ``baseline``), rebuilt from that run's ``config.yaml`` with the weights of its
@@ -134,7 +134,7 @@ class DeepMutualLearning(Method):
     and this module returns ``L_1 + L_2``: since the peer's distribution is detached in each term,
     the gradient of the sum with respect to each network is that network's own ``L_i``.
 
-    Choices where the papers are silent (also in the README's "Deviations"):
+    Choices where the papers are silent (also in docs/deviations.md):
 
     * **Simultaneous updates.** Zhang et al. update the two networks in turn, the second against the
       first's *updated* predictions; here both are updated in the same optimizer step from one

@@ -80,3 +80,10 @@ def missing_cells(grid: Grid, runs: list[Run]) -> list[str]:
             f"{grid.experiment} / {' / '.join(cell)}: {len(finished)}/{len(grid.seeds)} seeds ({'; '.join(why)})"
         )
     return lines
+
+
+def recipe_epochs(experiment: str) -> int:
+    """The number of epochs ``experiment``'s recipe trains (a run with fewer is shortened)."""
+    epochs = int(_compose([f"experiment={experiment}"]).trainer.epochs)
+    GlobalHydra.instance().clear()
+    return epochs

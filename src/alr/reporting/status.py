@@ -1,0 +1,137 @@
+"""The reproduction status: one row per result of the paper, computed from the run folders.
+
+``python -m alr.report all`` (``make results``) writes ``results/status.md``, and ``scripts/sync_readme.py``
+copies it onto the front page. For each result: the command that reproduces it, how many of the runs its
+experiment's grid expects have finished or failed (the grid is read from ``configs/experiment/<name>.yaml``,
+as for the missing-cells list), the precision and hardware the finished runs used, a one-line verdict
+computed from the runs, and a link to the generated table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from alr.reporting.grid import expected_grid, recipe_epochs
+from alr.reporting.runs import Run, load_runs
+from alr.reporting.stats import welch
+from alr.reporting.tables import collect, shortened
+from alr.train import CONFIG_DIR
+
+
+@dataclass(frozen=True)
+class Result:
+    """A result of the paper and how the suite reproduces it."""
+
+    label: str  # as the paper names it
+    what: str  # what it shows, in a few words
+    experiment: str  # configs/experiment/<experiment>.yaml holds its grid
+    command: str
+    output: str  # the generated file, relative to the results folder
+
+
+RESULTS = (
+    Result("Table 1", "CIFAR-10/100, PreAct ResNet-18 and WRN-28-10", "table1", "make reproduce-table1", "table1.md"),
+    Result("Table 2", "ImageNet, ResNet-50/101/152", "table2", "make reproduce-table2", "table2.md"),
+    Result(
+        "Table 3", "AG News, Yahoo! Answers, Yelp; four text models", "table3", "make reproduce-table3", "table3.md"
+    ),
+    Result("Table 4", "CIFAR-100, ALR-S against KD and DML", "table4", "make reproduce-table4", "table4.md"),
+    Result("Figure 3", "residual labels of CIFAR-10 over training", "table1", "make figure3", "figure3.png"),
+)
+FIGURE3_RUN = ("cifar10", "preact_resnet18", "alr", 0)  # the run `make figure3` draws by default
+
+
+def _ran_on(runs: list[Run]) -> str:
+    """``fp16 on NVIDIA A100 ×8 runs`` style: the distinct precisions and devices of the finished runs."""
+    done = [r for r in runs if r.status == "finished"]
+    if not done:
+        return "—"
+    precisions = ", ".join(sorted({str(r.result.get("precision", "?")) for r in done}))
+    devices = ", ".join(sorted({str(r.result.get("device", "?")) for r in done}))
+    return f"{precisions} on {devices}"
+
+
+def verdict(runs: list[Run], epochs: int) -> str:
+    """ALR-S against the baseline, cell by cell (same data set and model), from the finished runs."""
+    done = [r for r in runs if r.status == "finished"]
+    if not done:
+        return "not run"
+    cells = collect(done)
+    pairs = sorted({(d, m) for d, m, method in cells if method == "alr_s" and (d, m, "baseline") in cells})
+    if not pairs:
+        return f"{len(done)} runs finished; no cell has both ALR-S and the baseline yet"
+    comparisons = [welch(cells[(d, m, "alr_s")], cells[(d, m, "baseline")]) for d, m in pairs]
+    above = sum(c.diff > 0 for c in comparisons)
+    text = f"ALR-S above baseline in {above} of {len(pairs)} cells"
+    tested = [c for c in comparisons if c.p_value is not None]
+    if tested:
+        text += f", {sum(c.diff > 0 and c.p_value < 0.05 for c in tested)} of them at p < 0.05"
+    else:
+        text += " (too few seeds for a test)"
+    short = sum(shortened(r, epochs) for r in done)
+    if short:
+        text += f"; {short} of {len(done)} runs shortened (smoke): not comparable to the paper"
+    return text
+
+
+def _figure3_row(result: Result, runs: list[Run], results_dir: Path) -> list[str]:
+    run = next((r for r in runs if (*r.key, r.seed) == FIGURE3_RUN), None)
+    status = run.status if run else "not run"
+    drawn = (results_dir / result.output).exists()
+    finished = 1 if status == "finished" else 0
+    counts = f"{finished} / {1 if status == 'failed' else 0} / 1"
+    if status == "finished":
+        text = "drawn from the finished run" if drawn else "run finished; `make figure3` draws it"
+    else:
+        text = "not run" if status == "not run" else f"its run is {status}"
+    return [result.label, result.what, f"`{result.command}`", counts, _ran_on([run] if run else []), text]
+
+
+def status_rows(runs_root: Path, results_dir: Path) -> list[list[str]]:
+    """One row per entry of :data:`RESULTS`: result, command, finished / failed / expected, ran on, verdict."""
+    rows = []
+    for result in RESULTS:
+        link = f"[{result.label}]({result.output})" if (results_dir / result.output).exists() else result.label
+        if not (Path(CONFIG_DIR) / "experiment" / f"{result.experiment}.yaml").exists():
+            rows.append([result.label, result.what, "—", "—", "—", "not in the suite yet"])
+            continue
+        runs = [
+            r for r in load_runs(runs_root / result.experiment) if r.config.get("experiment_name") == result.experiment
+        ]
+        if result.output.endswith(".png"):
+            row = _figure3_row(result, runs, results_dir)
+        else:
+            grid = expected_grid(result.experiment)
+            expected = len(grid.cells) * len(grid.seeds)
+            finished = sum(r.status == "finished" for r in runs)
+            failed = sum(r.status == "failed" for r in runs)
+            row = [
+                result.label,
+                result.what,
+                f"`{result.command}`",
+                f"{finished} / {failed} / {expected}",
+                _ran_on(runs),
+                verdict(runs, recipe_epochs(result.experiment)),
+            ]
+        row[0] = link
+        rows.append(row)
+    return rows
+
+
+def write_status(runs_root: Path, results_dir: Path) -> str:
+    """``results_dir/status.md``: the reproduction status table; return its Markdown."""
+    header = ["Result", "What", "Command", "Runs finished / failed / expected", "Ran on", "Verdict"]
+    lines = ["# Reproduction status", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in status_rows(runs_root, results_dir)]
+    lines += [
+        "",
+        "Runs are counted from the run folders under `runs/<experiment>/`; the expected ones from each "
+        "experiment's grid (`configs/experiment/`). Verdict: ALR-S's mean test accuracy after the last epoch "
+        "against the baseline's of the same data set and model, with Welch's t-test over seeds where each side "
+        f"has two or more. Generated by `make results` (`python -m alr.report all --runs {runs_root}`).",
+    ]
+    text = "\n".join(lines) + "\n"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "status.md").write_text(text)
+    return text
