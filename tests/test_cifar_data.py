@@ -241,7 +241,7 @@ def test_dataset_configs_build_the_real_loader(tmp_path: Path, name: str) -> Non
 def test_download_is_used_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fake_download(name: str, data_dir: Path) -> None:
+    def fake_download(name: str, data_dir: Path, timeout_s: float) -> None:
         calls.append(name)
         write_cifar(Path(data_dir), name)
 
