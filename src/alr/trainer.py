@@ -69,9 +69,12 @@ RESUMABLE_CHANGES = (
     "trainer.resume",
     "trainer.device",
     "trainer.channels_last",
+    "trainer.compile",
     "dataset.data_dir",
     "dataset.download",
     "dataset.num_workers",
+    "dataset.num_train",
+    "dataset.num_test",
 )
 
 
@@ -289,6 +292,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if t.channels_last and device.type == "cuda":  # 4-D weights only: the backbone and DML's peer
         model = model.to(memory_format=torch.channels_last)
         method = method.to(memory_format=torch.channels_last)
+    # Training steps only: evaluation switches to eval mode, which a compiled graph would compile again.
+    train_model = torch.compile(model) if t.compile else model
 
     groups = [{"params": list(model.parameters()), "weight_decay": cfg.optim.weight_decay}]
     extra = [p for p in method.parameters() if p.requires_grad]
@@ -386,7 +391,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     if t.channels_last and device.type == "cuda" and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with autocast():
-                        out = method(model, x, y)
+                        out = method(train_model, x, y)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(out.loss).backward()
                     scaler.step(optimizer)
