@@ -112,8 +112,10 @@ def _run(cmd: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedP
 
 
 def _one_line(text: str, limit: int = 200) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "no output")[:limit]
+    """The line of a command's output that says what went wrong: its ``error:`` line, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    errors = [line for line in lines if line.startswith("error:")]
+    return ((errors or lines)[-1] if lines else "no output")[:limit]
 
 
 # --- 1. the machine ----------------------------------------------------------------------------
@@ -499,9 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         alr_text = f"ALR-S {overhead:+.1f} % per image" if overhead is not None else "ALR-S not measured there"
         say(f"fastest {model}: {setting_label(cell)}, {cell['train_images_per_s']:,.0f} images/s ({alr_text})")
     for name, p in report["predictions"].items():
+        hours = [f"{p[k]['hours']:,.1f}" if p[k]["hours"] else "not measured" for k in ("configured", "fastest")]
+        partial = " (some cells not measured: see the report)" if p["configured"]["missing"] else ""
         say(
-            f"{name}: {p['runs']} runs, {p['configured']['hours']:,.1f} GPU-hours as configured, "
-            f"{p['fastest']['hours']:,.1f} at the fastest settings"
+            f"{name}: {p['runs']} runs, GPU-hours {hours[0]} as configured, {hours[1]} at the fastest settings{partial}"
         )
     say(f"report: {md} and {md.with_suffix('.json')}")
     failed = "FAILED" in report["tests"]["summary"] or any(e["status"] != "ok" for e in report["end_to_end"])

@@ -16,6 +16,7 @@ epoch and are not counted (well under 1 % of an epoch of the tables' models).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,7 @@ def run_seconds(recipe: RunRecipe, throughput: list[dict[str, Any]], setting: di
 def predict(recipes: list[RunRecipe], throughput: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per experiment: its runs, and GPU-hours as configured and at each backbone's fastest measured setting.
 
-    A cell that cannot be predicted is listed under ``missing`` and left out of the sum.
+    A cell that cannot be predicted is left out of the sum, with the reason listed (once per cell) under ``missing``.
     """
     fastest = fastest_settings(throughput)
     out: dict[str, dict[str, Any]] = {}
@@ -120,7 +121,7 @@ def predict(recipes: list[RunRecipe], throughput: list[dict[str, Any]]) -> dict[
         for name, setting in (("configured", configured), ("fastest", fastest.get(r.model))):
             seconds = run_seconds(r, throughput, setting) if setting else f"{r.model} not measured"
             if isinstance(seconds, str):
-                table[name]["missing"].append(f"{r.dataset} / {r.model} / {r.method}: {seconds}")
+                table[name]["missing"].append(seconds)
             else:
                 table[name]["hours"] += r.seeds * seconds / 3600
     return out
@@ -156,7 +157,8 @@ def _prediction_rows(report: dict[str, Any]) -> list[str]:
             if side["missing"] and not side["hours"]:
                 return "not measured"
             text = _hours(side["hours"])
-            return text + (f" (+ {len(side['missing'])} cells not measured)" if side["missing"] else "")
+            n = len(side["missing"])
+            return text + (f" (+ {n} {'cell' if n == 1 else 'cells'} not measured)" if n else "")
 
         rows.append(
             f"| {experiment} | {p['runs']} | {cell(p['configured'])} | {cell(p['fastest'])} | "
@@ -260,12 +262,13 @@ def render(report: dict[str, Any]) -> str:
         *_prediction_rows(report),
     ]
     missing = [
-        f"- {exp}: {line}"
+        f"- {exp}, {side.replace('configured', 'as configured')}: {reason} ({n} {'cell' if n == 1 else 'cells'})"
         for exp, p in report["predictions"].items()
-        for line in sorted(set(p["configured"]["missing"] + p["fastest"]["missing"]))
+        for side in ("configured", "fastest")
+        for reason, n in sorted(Counter(p[side]["missing"]).items())
     ]
     if missing:
-        lines += ["", "Cells left out of the sums (not measured by this check):", "", *missing]
+        lines += ["", "Cells left out of the sums:", "", *missing]
     if report.get("skipped_experiments"):
         lines += ["", "Not predicted: " + "; ".join(report["skipped_experiments"]) + "."]
     return "\n".join(lines) + "\n"
