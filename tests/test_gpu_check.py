@@ -190,7 +190,7 @@ def test_the_plan_measures_every_eager_cell_first_then_compiled_bf16():
 
 def test_throughput_is_measured_through_the_trainer(tmp_path: Path):
     """The GPU path's measurement, run on the CPU: a warm-up epoch, then images/s from metrics.jsonl."""
-    tiny = Backbone("resnet32", image_size=8, num_classes=10, batch_size=4, eval_batch_size=8, tables="test")
+    tiny = Backbone("resnet32", image_size=8, num_classes=10, batch_size=4, eval_batch_size=8)
     cells = [Cell(tiny, m, "fp32", False, False) for m in ("baseline", "alr_s")]
     seen = []
     out = throughput(cells, tmp_path, 1, 0.01, time.perf_counter() + 300, seen.append, device="cpu")

@@ -83,16 +83,15 @@ class Backbone:
     num_classes: int
     batch_size: int
     eval_batch_size: int
-    tables: str
 
 
 # The K and batch of the table that trains each backbone (SPEC §2); CIFAR backbones at K=100, the
 # dearer of the two for ALR's loss. ResNet-50 stands for Table 2's family (101/152 are not timed).
 BACKBONES = (
-    Backbone("preact_resnet18", 32, 100, 128, 1000, "Table 1"),
-    Backbone("wrn28_10", 32, 100, 128, 1000, "Tables 1 and 4"),
-    Backbone("resnet32", 32, 100, 64, 1000, "Table 4"),
-    Backbone("resnet50", 224, 1000, 256, 250, "Table 2"),
+    Backbone("preact_resnet18", 32, 100, 128, 1000),  # Table 1
+    Backbone("wrn28_10", 32, 100, 128, 1000),  # Tables 1 and 4
+    Backbone("resnet32", 32, 100, 64, 1000),  # Table 4
+    Backbone("resnet50", 224, 1000, 256, 250),  # Table 2
 )
 
 
@@ -146,7 +145,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "alr": alr.__version__,
         "commit": commit,
         "peak_tflops": peak_tflops(name),
-        "bf16": torch.cuda.is_bf16_supported(including_emulation=False),
+        "bf16": props.major >= 8,  # bf16 tensor cores from Ampere on (V100 and T4 have none)
         "fp32_matmul": "TF32" if torch.backends.cuda.matmul.allow_tf32 else "IEEE fp32",
         "fp32_conv": "TF32" if torch.backends.cudnn.allow_tf32 else "IEEE fp32",
     }
@@ -340,7 +339,7 @@ def throughput(
     steps: dict[str, int] = {}
     cost: dict[tuple[str, bool], float] = {}  # last wall seconds of a cell of this backbone, eager or compiled
     out = []
-    for cell in cells:
+    for i, cell in enumerate(cells, start=1):
         b = cell.backbone
         record = {
             "model": b.model,
@@ -376,7 +375,7 @@ def throughput(
             steps[b.model] = max(10, min(500, round(per_epoch)))
         out.append(record)
         rate = f"{record['train_images_per_s']:,.0f} images/s" if record["status"] == "ok" else record["status"]
-        say(f"{b.model} {cell.method} {cell.precision} cl={cell.channels_last} compile={cell.compile}: {rate}")
+        say(f"[{i}/{len(cells)}] {b.model} {cell.method} {setting_label(record)}: {rate}")
         on_cell(out)
     return out
 
@@ -495,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = throughput(cells, Path(tmp), args.epochs, args.epoch_seconds, deadline, progress)
     md = save()
     ok = sum(c["status"] == "ok" for c in report["throughput"])
-    say(f"{ok} of {len(report['throughput'])} throughput cells measured")
+    skipped = sum(c["status"].startswith("skipped") for c in report["throughput"])
+    say(f"{ok} of {len(report['throughput'])} throughput cells measured, {skipped} skipped by the time budget")
     for model, cell in fastest_settings(report["throughput"]).items():
         overhead = alr_overhead(report["throughput"], cell)
         alr_text = f"ALR-S {overhead:+.1f} % per image" if overhead is not None else "ALR-S not measured there"
