@@ -3,15 +3,16 @@
 Everything here is arithmetic on a measurement dict (the ``.json`` the check writes beside the
 ``.md``), so the report and the predictions can be rebuilt and tested without a GPU.
 
-Prediction of one run (README "Before you spend GPU-days", docs/gpu-check.md)::
+Prediction of one run (docs/gpu-check.md, "Before you spend GPU-days")::
 
     seconds = epochs × (num_train × cost ÷ train images/s + num_test ÷ eval images/s)
 
 with the images/s that the check measured through the trainer for the run's backbone, its
 method's cost class and a setting (precision, ``channels_last``, ``torch.compile``); a table's
 GPU-hours sum this over every cell and seed of its grid. ``cost`` is 1, except for DML's two
-networks (2: each takes a full training step). Checkpoints and metrics files are written once an
-epoch and are not counted (well under 1 % of an epoch of the tables' models).
+networks (2: each takes a full training step). Images ÷ images/s is steps per epoch ÷ steps/s with
+the last, partial batch counted by its size. Writing ``last.pt`` and ``metrics.jsonl`` once an epoch
+is not counted.
 """
 
 from __future__ import annotations
