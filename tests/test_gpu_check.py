@@ -1,4 +1,4 @@
-"""`make gpu-check` on the CPU: the clear exits, the prediction arithmetic, the report, and one real measurement."""
+"""`make gpu-check` on the CPU: clear exits, predictions, the report, one measurement; compiled training on CUDA."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from alr.checkpoint import load_checkpoint
+from alr.data import samples
 from alr.gpu_check import BACKBONES, Backbone, Cell, plan, slug, throughput, write_report
+from alr.models import PreActResNet18
 from alr.reporting.gpu import RunRecipe, predict, render, table_recipes
-from conftest import ROOT
+from conftest import ROOT, run_train
 
 SCRIPT = [sys.executable, str(ROOT / "scripts" / "gpu_check.py")]
 
@@ -207,3 +210,27 @@ def test_make_targets():
     assert "scripts/gpu_check.py --budget 600" in check.stdout
     wheels = subprocess.run(["make", "-n", "gpu-wheels"], cwd=ROOT, capture_output=True, text=True)
     assert "pip wheel --no-deps --wheel-dir .whl 'hydra-core>=1.3,<1.4'" in wheels.stdout
+
+
+@pytest.mark.gpu
+def test_compiled_training_on_cuda(tmp_path: Path):
+    """trainer.compile=true: the compiled backbone trains, evaluation runs it eagerly, last.pt loads as usual."""
+    data = tmp_path / "data"
+    samples.write_cifar(data, "cifar10", n_train=256, n_test=64)
+    run_train(
+        "experiment=table1",
+        "method=alr_s",
+        "trainer.device=cuda",
+        "trainer.precision=bf16",
+        "trainer.compile=true",
+        "trainer.epochs=2",
+        "trainer.batch_size=64",
+        "trainer.progress=false",
+        f"dataset.data_dir={data}",
+        out=tmp_path,
+    )
+    run = tmp_path / "table1" / "cifar10-preact_resnet18-alr_s-s0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "finished" and result["device"] != "cpu"
+    # last.pt holds the plain module's keys (no _orig_mod. prefix): an eager backbone loads it.
+    PreActResNet18(num_classes=10).load_state_dict(load_checkpoint(run / "last.pt")["model"])
