@@ -183,12 +183,13 @@ def test_the_report_is_generated_from_the_measurements(tmp_path: Path):
     assert "Not predicted: demo (trains on the CPU: trainer.device=cpu)." in text
 
 
-def test_the_plan_measures_every_eager_cell_first_then_compiled_bf16():
+def test_the_plan_measures_each_setting_on_every_backbone_eager_first_then_compiled_bf16():
     cells = plan(list(BACKBONES), ["fp32", "bf16", "fp16"])
-    assert len(cells) == 4 * 3 * 2 * 2 * 2
+    assert len(cells) == len({(c.backbone, c.method, c.precision, c.channels_last, c.compile) for c in cells}) == 96
+    first = [(c.backbone.model, c.method, c.precision, c.channels_last, c.compile) for c in cells[:8]]
+    assert first == [(b.model, m, "fp32", True, False) for b in BACKBONES for m in ("baseline", "alr_s")]
     assert not any(c.compile for c in cells[:48])
     assert all(c.compile and c.precision == "bf16" and c.channels_last for c in cells[48:56])
-    assert [c.method for c in cells[:2]] == ["baseline", "alr_s"] and cells[0].backbone == cells[1].backbone
 
 
 def test_throughput_is_measured_through_the_trainer(tmp_path: Path):
