@@ -9,7 +9,7 @@ GPUS   ?=
 ARGS   ?=
 comma  := ,
 
-.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 figure3
+.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 figure3 gpu-check gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -51,6 +51,16 @@ format: $(STAMP) ## apply ruff's formatting and import order
 bench: $(STAMP) ## speed benchmarks (bench/*.py, CPU: under 10 minutes) into results/bench.md and docs/speed.md
 	$(PY) bench/run_all.py --out results/bench.md
 	$(PY) scripts/sync_readme.py
+
+# On a GPU node the suite's .venv may be absent (a node with PyTorch only): gpu-check then uses $(PYTHON) and
+# installs nothing; its launcher names any missing package (docs/gpu-check.md).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check: ## on one GPU, in under 8 min: machine, GPU tests, Table 1 end to end, speeds, GPU-hours per table (results/gpu/)
+	$(GPU_PY) scripts/gpu_check.py $(ARGS)
+
+gpu-wheels: ## save the wheels gpu-check needs beside PyTorch (Hydra, OmegaConf, antlr4) into .whl/, for an offline node
+	$(GPU_PY) -m pip wheel --no-deps --wheel-dir .whl 'hydra-core>=1.3,<1.4' 'omegaconf>=2.3,<2.4' 'antlr4-python3-runtime==4.9.3'
 
 clean: ## remove run folders and caches (keeps .venv and results/)
 	rm -rf $(RUNS) multirun outputs wandb .pytest_cache .ruff_cache

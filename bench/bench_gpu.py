@@ -9,7 +9,7 @@ On a CUDA device, every combination of precision (fp16 with a ``GradScaler``, bf
 images: forward, cross entropy in float32, backward, SGD Nesterov. Variants are interleaved over
 ``--rounds`` rounds of ``--steps`` steps; medians. The achieved fraction of the floor is
 ``FLOPs per image × images/s ÷ peak``, with the device's dense fp16/bf16 tensor-core peak from
-``PEAK_TFLOPS`` (or ``--peak-tflops``). Without a CUDA device the throughput table is skipped.
+``alr.flops.PEAK_TFLOPS`` (or ``--peak-tflops``). Without a CUDA device the throughput table is skipped.
 
     python bench/bench_gpu.py            # batch 128, 5 rounds × 20 steps per variant
     python bench/bench_gpu.py --quick    # 2 rounds × 3 steps
@@ -23,42 +23,15 @@ from itertools import product
 import torch
 import torch.nn.functional as F
 from benchutil import add_common_args, flat, interleave, iqr, median, setup, time_calls
-from torch.utils.flop_counter import FlopCounterMode
 
+from alr.flops import peak_tflops
+from alr.flops import training_flops_per_image as model_flops_per_image
 from alr.models import PreActResNet18
 
-# Dense fp16/bf16 tensor-core peak (fp32 accumulate, no sparsity), TFLOP/s, from the vendors' data
-# sheets; the first name contained in torch.cuda.get_device_name() wins, so specific names come first.
-PEAK_TFLOPS = {
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,  # SXM
-    "H200": 989.0,
-    "GH200": 989.0,
-    "A100": 312.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "L4": 121.0,
-    "V100": 125.0,  # fp16 only
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-    "T4": 65.0,
-}
 
-
-def training_flops_per_image(num_classes: int = 10, batch: int = 2) -> float:
+def training_flops_per_image(num_classes: int = 10) -> float:
     """FLOPs of one forward+backward of preact_resnet18 on 32×32 images, per image (on the CPU)."""
-    model = PreActResNet18(num_classes=num_classes)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, num_classes, (batch,))
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops() / batch
-
-
-def peak_tflops(name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return model_flops_per_image(PreActResNet18(num_classes=num_classes), 32, num_classes)
 
 
 def make_step(dtype: torch.dtype, channels_last: bool, compile: bool, batch: int, device: torch.device):

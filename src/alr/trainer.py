@@ -70,10 +70,13 @@ RESUMABLE_CHANGES = (
     "trainer.resume",
     "trainer.device",
     "trainer.channels_last",
+    "trainer.compile",
     "dataset.data_dir",
     "dataset.download",
     "dataset.download_timeout_s",
     "dataset.num_workers",
+    "dataset.num_train",
+    "dataset.num_test",
 )
 
 
@@ -319,6 +322,8 @@ class Parts:
         if self.channels_last:  # 4-D weights only: the backbone and DML's peer
             self.model = self.model.to(memory_format=torch.channels_last)
             self.method = self.method.to(memory_format=torch.channels_last)
+        # Training steps only: evaluation switches to eval mode, which a compiled graph would compile again.
+        self.train_model = torch.compile(self.model) if t.compile else self.model
         groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.optim.weight_decay}]
         extra = [p for p in self.method.parameters() if p.requires_grad]
         if extra:  # ALR's S, DML's peer: their own group, with the method's weight decay (SPEC §1)
@@ -418,7 +423,7 @@ def _train_epoch(
     for step, (x, y) in enumerate(batches, start=skip):
         if parts.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = method.train_step(model, x, y, parts.update, parts.autocast)
+        out = method.train_step(parts.train_model, x, y, parts.update, parts.autocast)
         totals.add(step, out, y)
         bar.update(1)
         if (step + 1) % t.log_every == 0 or step + 1 == steps:

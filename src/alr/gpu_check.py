@@ -1,0 +1,509 @@
+"""``make gpu-check``: is this GPU machine ready for the suite, how fast does it train, how long will each table take.
+
+    python -m alr.gpu_check                    # about 8 minutes on one GPU, no network
+    python -m alr.gpu_check --budget 1200      # measure more throughput cells (see --help)
+
+Steps, each written into ``results/gpu/<gpu>.json`` and ``.md`` as soon as it is done (so a check
+stopped half-way still leaves its report):
+
+1. the machine: GPU, memory, driver, CUDA, cuDNN, torch, the suite, which optional parts import;
+2. the tests marked ``gpu`` (``pytest -m gpu``);
+3. Table 1's composition (``preact_resnet18``, ``alr``) trained end to end by ``python -m alr.train``
+   on sample CIFAR-10 files in fp32, bf16 and fp16: each must finish with finite losses and a result.json;
+4. training throughput through :func:`alr.trainer.fit` on synthetic on-device images
+   (``dataset=synthetic``) for every backbone of Tables 1, 2 and 4 × precision × ``channels_last`` ×
+   ``torch.compile``, the baseline and ALR-S side by side;
+5. the GPU-hours of each table's grid (:mod:`alr.reporting.gpu`).
+
+Throughput cells run in order of use until the time budget is spent, every backbone at one setting
+before the next setting: the eager ones first (fp32 with ``channels_last``, the trainer's default,
+then bf16 and fp16, then the same without ``channels_last``), then compiled ones at bf16 with
+``channels_last`` (the likeliest fastest), then the other compiled cells; those the budget leaves out
+are listed as skipped. Each cell trains one warm-up epoch and
+``--epochs`` measured epochs; the first cell of each backbone sets the steps per epoch so that a
+measured epoch of that backbone in fp32 lasts about ``--epoch-seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+import alr
+from alr.config_check import validate
+from alr.flops import peak_tflops, training_flops_per_image
+from alr.reporting.gpu import (
+    alr_overhead,
+    compose_config,
+    fastest_settings,
+    predict,
+    render,
+    setting_label,
+    table_recipes,
+)
+from alr.train import CONFIG_DIR
+from alr.trainer import fit, read_metrics
+
+ROOT = Path(CONFIG_DIR).parent
+# Optional parts: imported only here, inside a try, never by the check's own code paths.
+OPTIONAL = {
+    "DALI (ImageNet input on the GPU, Table 2)": "nvidia.dali",
+    "W&B (logger=wandb)": "wandb",
+    "submitit (SLURM launcher)": "submitit",
+    "timm (ResNet-50/101/152, Table 2)": "timm",
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone as a table trains it: the measurement's image size, class count and batch size."""
+
+    model: str
+    image_size: int
+    num_classes: int
+    batch_size: int
+    eval_batch_size: int
+
+
+# The K and batch of the table that trains each backbone (SPEC §2); CIFAR backbones at K=100, the
+# dearer of the two for ALR's loss. ResNet-50 stands for Table 2's family (101/152 are not timed).
+BACKBONES = (
+    Backbone("preact_resnet18", 32, 100, 128, 1000),  # Table 1
+    Backbone("wrn28_10", 32, 100, 128, 1000),  # Tables 1 and 4
+    Backbone("resnet32", 32, 100, 64, 1000),  # Table 4
+    Backbone("resnet50", 224, 1000, 256, 250),  # Table 2
+)
+
+
+def say(text: str) -> None:
+    print(f"[gpu-check] {text}", flush=True)
+
+
+def slug(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``: the report's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def _run(cmd: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env.setdefault("WANDB_MODE", "offline")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """The line of a command's output that says what went wrong: its ``error:`` line, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    errors = [line for line in lines if line.startswith("error:")]
+    return ((errors or lines)[-1] if lines else "no output")[:limit]
+
+
+# --- 1. the machine ----------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(device)
+    driver = "unknown (no nvidia-smi)"
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={device.index or 0}"]
+            driver = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip() or driver
+    commit = "no git checkout"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = proc.stdout.strip() or commit
+    name = torch.cuda.get_device_name(device)
+    return {
+        "gpu": name,
+        "memory_gib": props.total_memory / 2**30,
+        "capability": f"{props.major}.{props.minor}",
+        "sms": props.multi_processor_count,
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "alr": alr.__version__,
+        "commit": commit,
+        "peak_tflops": peak_tflops(name),
+        "bf16": props.major >= 8,  # bf16 tensor cores from Ampere on (V100 and T4 have none)
+        "fp32_matmul": "TF32" if torch.backends.cuda.matmul.allow_tf32 else "IEEE fp32",
+        "fp32_conv": "TF32" if torch.backends.cudnn.allow_tf32 else "IEEE fp32",
+    }
+
+
+def optional_parts() -> dict[str, str]:
+    """Which optional parts import here; one line each for those skipped."""
+    out = {}
+    for label, module in OPTIONAL.items():
+        try:
+            mod = importlib.import_module(module)
+            out[label] = f"imports ({getattr(mod, '__version__', 'version unknown')})"
+        except Exception as e:  # an installed package can fail to import for reasons of its own
+            out[label] = f"skipped: {type(e).__name__}: {_one_line(str(e), 120)}"
+    return out
+
+
+# --- 2. the GPU tests --------------------------------------------------------------------------
+
+
+def gpu_tests(timeout: float) -> dict[str, Any]:
+    """``pytest -m gpu`` over the test files that hold such tests; per-test outcomes from a JUnit XML file."""
+    tests = ROOT / "tests"
+    files = sorted(str(p) for p in tests.glob("test_*.py") if "mark.gpu" in p.read_text()) if tests.is_dir() else []
+    if not files:
+        return {"summary": f"skipped: no test files with gpu tests under {tests}", "failures": []}
+    if importlib.util.find_spec("pytest") is None:
+        return {"summary": "skipped: pytest is not installed (pip install pytest)", "failures": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+        start = time.perf_counter()
+        try:
+            proc = _run([*cmd, *files], timeout)
+        except subprocess.TimeoutExpired:
+            return {"summary": f"failed: pytest -m gpu ran past {timeout:.0f} s", "failures": []}
+        seconds = time.perf_counter() - start
+        if not xml.exists():
+            return {"summary": f"failed: pytest did not run ({_one_line(proc.stdout + proc.stderr)})", "failures": []}
+        cases = ET.parse(xml).getroot().iter("testcase")
+        counts, failures = {"passed": 0, "failed": 0, "skipped": 0}, []
+        for case in cases:
+            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if bad is not None:
+                counts["failed"] += 1
+                failures.append((f"{case.get('classname')}::{case.get('name')}", _one_line(bad.get("message", ""))))
+            elif case.find("skipped") is not None:
+                counts["skipped"] += 1
+            else:
+                counts["passed"] += 1
+    verdict = "passed" if proc.returncode == 0 and counts["passed"] else "FAILED"
+    summary = f"{verdict}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+    return {"summary": f"{summary} in {seconds:.0f} s", "failures": failures, **counts}
+
+
+# --- 3. Table 1's composition end to end ------------------------------------------------------
+
+
+def end_to_end(work: Path, precisions: list[str], epochs: int, timeout: float) -> list[dict[str, Any]]:
+    """``python -m alr.train`` of Table 1's ``preact_resnet18`` / ``alr`` on sample CIFAR-10 files, per precision."""
+    data = work / "data"
+    proc = _run([sys.executable, "-m", "alr.data.samples", "--out", str(data), "--n-train", "1024", "cifar10"], 120)
+    if proc.returncode != 0:
+        return [{"precision": p, "status": f"failed: samples: {_one_line(proc.stderr)}"} for p in precisions]
+    results = []
+    for precision in precisions:
+        overrides = [
+            "experiment=table1",
+            "dataset=cifar10",
+            "model=preact_resnet18",
+            "method=alr",
+            "trainer.device=cuda",
+            f"trainer.precision={precision}",
+            f"trainer.epochs={epochs}",
+            "trainer.progress=false",
+            f"dataset.data_dir={data}",
+            f"paths.output_dir={work / 'runs'}",
+            f"experiment_name=gpu_check_{precision}",
+        ]
+        start = time.perf_counter()
+        try:
+            proc = _run([sys.executable, "-m", "alr.train", *overrides], timeout)
+        except subprocess.TimeoutExpired:
+            results.append({"precision": precision, "status": f"failed: ran past {timeout:.0f} s"})
+            continue
+        run = work / "runs" / f"gpu_check_{precision}" / "cifar10-preact_resnet18-alr-s0"
+        entry: dict[str, Any] = {"precision": precision, "seconds": time.perf_counter() - start}
+        result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
+        losses = [m["train/loss"] for m in read_metrics(run / "metrics.jsonl")]
+        if proc.returncode != 0 or result.get("status") != "finished":
+            entry["status"] = f"failed: {_one_line(proc.stderr or proc.stdout)}"
+        elif len(losses) != epochs or not all(math.isfinite(v) for v in losses):
+            entry["status"] = f"failed: train losses {losses}"
+        else:
+            entry.update(status="ok", final_loss=losses[-1], test_acc=result["final_test_acc"])
+        results.append(entry)
+        say(f"end to end, {precision}: {entry['status']}")
+    return results
+
+
+# --- 4. throughput through the trainer ---------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    backbone: Backbone
+    method: str
+    precision: str
+    channels_last: bool
+    compile: bool
+
+
+def plan(backbones: list[Backbone], precisions: list[str]) -> list[Cell]:
+    """Every cell, in the order they are measured (see the module's docstring).
+
+    Settings are the outer loop, so a budget that runs out leaves every backbone measured at the
+    settings before it: fp32 with ``channels_last`` (the trainer's default, measured first, which also
+    sets each backbone's steps per epoch), then the other eager settings, then the compiled ones.
+    """
+    methods = ("baseline", "alr_s")  # side by side, so the two meet the machine in the same state
+    favourite = "bf16" if "bf16" in precisions else precisions[-1]
+    eager = [(p, cl, False) for cl in (True, False) for p in precisions]
+    compiled = [(favourite, True, True)] + [(p, cl, True) for cl in (True, False) for p in precisions]
+    settings = list(dict.fromkeys(eager + compiled))
+    return [Cell(b, m, p, cl, comp) for p, cl, comp in settings for b in backbones for m in methods]
+
+
+def measure(cell: Cell, steps: int, epochs: int, work: Path, device: str = "cuda") -> dict[str, Any]:
+    """Train ``cell`` through :func:`alr.trainer.fit` for a warm-up epoch and ``epochs`` measured ones."""
+    b = cell.backbone
+    overrides = [
+        "dataset=synthetic",
+        f"model={b.model}",
+        f"method={cell.method}",
+        f"dataset.num_classes={b.num_classes}",
+        f"dataset.image_size={b.image_size}",
+        f"dataset.build.n_train={steps * b.batch_size}",
+        f"dataset.build.n_test={b.eval_batch_size}",
+        f"dataset.build.eval_batch_size={b.eval_batch_size}",
+        f"trainer.batch_size={b.batch_size}",
+        f"trainer.epochs={1 + epochs}",
+        f"trainer.device={device}",
+        f"trainer.precision={cell.precision}",
+        f"trainer.channels_last={str(cell.channels_last).lower()}",
+        f"trainer.compile={str(cell.compile).lower()}",
+        "trainer.progress=false",
+        "trainer.resume=false",
+        "trainer.deterministic=false",
+        "logger=none",
+        f"paths.output_dir={work}",
+        "experiment_name=throughput",
+    ]
+    cfg = compose_config(overrides)
+    validate(cfg)
+    run_dir = work / "throughput" / "run"
+    fit(cfg, run_dir)
+    measured = read_metrics(run_dir / "metrics.jsonl")[1:]
+    shutil.rmtree(run_dir)
+    train = [m["train/images_per_s"] for m in measured]
+    seen = steps * b.batch_size
+    eval_s = [m["seconds"] - seen / m["train/images_per_s"] for m in measured]
+    if not all(math.isfinite(m["train/loss"]) for m in measured):
+        return {"status": "failed: non-finite loss"}
+    return {
+        "status": "ok",
+        "train_images_per_s": sum(train) / len(train),
+        "range": [min(train), max(train)],
+        "eval_images_per_s": b.eval_batch_size * len(eval_s) / sum(eval_s),
+        "steps_per_epoch": steps,
+    }
+
+
+def throughput(
+    cells: list[Cell],
+    work: Path,
+    epochs: int,
+    epoch_seconds: float,
+    deadline: float,
+    on_cell: Callable[[list[dict[str, Any]]], None],
+    device: str = "cuda",
+) -> list[dict[str, Any]]:
+    """Measure ``cells`` in order until ``deadline`` (a ``time.perf_counter`` value); the rest are skipped."""
+    steps: dict[str, int] = {}
+    cost: dict[tuple[str, bool], float] = {}  # last wall seconds of a cell of this backbone, eager or compiled
+    out = []
+    for i, cell in enumerate(cells, start=1):
+        b = cell.backbone
+        record = {
+            "model": b.model,
+            "image_size": b.image_size,
+            "num_classes": b.num_classes,
+            "batch_size": b.batch_size,
+            "method": cell.method,
+            "precision": cell.precision,
+            "channels_last": cell.channels_last,
+            "compile": cell.compile,
+        }
+        guess = cost.get((b.model, cell.compile), cost.get((b.model, False), 20.0) + (60.0 if cell.compile else 0))
+        if time.perf_counter() + guess > deadline:
+            record["status"] = "skipped (time budget)"
+            out.append(record)
+            continue
+        start = time.perf_counter()
+        try:
+            record.update(measure(cell, steps.get(b.model, 20), epochs, work, device))
+        except torch.cuda.OutOfMemoryError:
+            record["status"] = "failed: out of GPU memory"
+        except Exception as e:  # a backbone or mode that fails here must not stop the other measurements
+            record["status"] = f"failed: {type(e).__name__}: {_one_line(str(e), 160)}"
+        finally:
+            if cell.compile:
+                torch._dynamo.reset()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        cost[(b.model, cell.compile)] = time.perf_counter() - start
+        if record["status"] == "ok" and b.model not in steps:  # the first cell (fp32) sets the epoch's length
+            per_epoch = epoch_seconds * record["train_images_per_s"] / b.batch_size
+            steps[b.model] = max(10, min(500, round(per_epoch)))
+        out.append(record)
+        rate = f"{record['train_images_per_s']:,.0f} images/s" if record["status"] == "ok" else record["status"]
+        say(f"[{i}/{len(cells)}] {b.model} {cell.method} {setting_label(record)}: {rate}")
+        on_cell(out)
+    return out
+
+
+def flops_per_image(backbones: list[Backbone], device: torch.device) -> dict[str, float]:
+    out = {}
+    for b in backbones:
+        try:
+            cfg = compose_config([f"model={b.model}", f"dataset.num_classes={b.num_classes}"])
+            model = instantiate(cfg.model)
+            out[b.model] = training_flops_per_image(model, b.image_size, b.num_classes, device=device)
+        except Exception as e:  # e.g. timm missing for resnet50: that row has no fraction of peak
+            say(f"FLOPs of {b.model} not counted: {type(e).__name__}: {_one_line(str(e), 120)}")
+    return out
+
+
+# --- 5. predictions, and the report ------------------------------------------------------------
+
+
+def table_plans() -> tuple[list, list[str]]:
+    """The recipes of every experiment that trains on a GPU, and a line for each one left out."""
+    recipes, skipped = [], []
+    for path in sorted(Path(CONFIG_DIR, "experiment").glob("*.yaml")):
+        device = str(compose_config([f"experiment={path.stem}"]).trainer.device)
+        if device == "cpu":
+            skipped.append(f"{path.stem} (trains on the CPU: trainer.device=cpu)")
+            continue
+        recipes += table_recipes(path.stem)
+    return recipes, skipped
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    """``out_dir/<gpu>.json`` (the measurements) and ``.md`` (rendered from them); return the ``.md``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / slug(report["machine"]["gpu"])
+    report["predictions"] = predict(report["recipe_objects"], report["throughput"])
+    plain = {k: v for k, v in report.items() if k != "recipe_objects"}
+    base.with_suffix(".json").write_text(json.dumps(plain, indent=1) + "\n")
+    base.with_suffix(".md").write_text(render(plain))
+    return base.with_suffix(".md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m alr.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu", help="folder for <gpu>.md and .json")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450)")
+    parser.add_argument("--epochs", type=int, default=2, help="measured epochs per throughput cell (after 1 warm-up)")
+    parser.add_argument("--epoch-seconds", type=float, default=0.5, help="length of a measured fp32 epoch")
+    parser.add_argument("--models", default=",".join(b.model for b in BACKBONES), help="backbones to time")
+    parser.add_argument("--skip-tests", action="store_true", help="skip step 2 (pytest -m gpu)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        print(
+            f"error: no CUDA device is visible (torch {torch.__version__}, {built}): the GPU check needs one. "
+            "Run it on a GPU node (make gpu-check); docs/gpu-check.md says how.",
+            file=sys.stderr,
+        )
+        return 1
+    device = torch.device("cuda")
+    models = args.models.split(",")
+    backbones = [b for b in BACKBONES if b.model in models]
+    if len(backbones) != len(models):
+        print(f"error: --models takes some of {', '.join(b.model for b in BACKBONES)}", file=sys.stderr)
+        return 2
+    command = "python -m alr.gpu_check" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    info = machine(device)
+    precisions = [p for p in PRECISIONS if p != "bf16" or info["bf16"]]
+    recipes, skipped = table_plans()
+    report: dict[str, Any] = {
+        "command": command.rstrip(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": 0.0,
+        "machine": info,
+        "optional": optional_parts(),
+        "tests": {"summary": "not run yet", "failures": []},
+        "end_to_end": [],
+        "throughput": [],
+        "flops_per_image": {},
+        "recipes": [asdict(r) for r in recipes],
+        "recipe_objects": recipes,
+        "skipped_experiments": skipped,
+        "settings": {"budget_s": args.budget, "epochs": args.epochs, "epoch_seconds": args.epoch_seconds},
+    }
+
+    def save() -> Path:
+        report["elapsed_s"] = time.perf_counter() - start
+        return write_report(report, args.out)
+
+    say(f"{info['gpu']}, {info['memory_gib']:.0f} GiB, driver {info['driver']}, CUDA {info['cuda']}")
+    for label, state in report["optional"].items():
+        say(f"{label}: {state}")
+    save()
+    if args.skip_tests:
+        report["tests"] = {"summary": "skipped (--skip-tests)", "failures": []}
+    else:
+        say("running pytest -m gpu ...")
+        report["tests"] = gpu_tests(timeout=max(180.0, args.budget / 3))
+    say(f"gpu tests: {report['tests']['summary']}")
+    save()
+    with tempfile.TemporaryDirectory(prefix="alr-gpu-check-") as tmp:
+        report["end_to_end"] = end_to_end(Path(tmp) / "e2e", precisions, epochs=3, timeout=180)
+        save()
+        report["flops_per_image"] = flops_per_image(backbones, device)
+        deadline = start + args.budget - 15  # the report's own writing
+        cells = plan(backbones, precisions)
+        say(f"timing up to {len(cells)} throughput cells, {deadline - time.perf_counter():.0f} s left in the budget")
+
+        def progress(done: list[dict[str, Any]]) -> None:
+            report["throughput"] = done
+            save()
+
+        report["throughput"] = throughput(cells, Path(tmp), args.epochs, args.epoch_seconds, deadline, progress)
+    md = save()
+    ok = sum(c["status"] == "ok" for c in report["throughput"])
+    skipped = sum(c["status"].startswith("skipped") for c in report["throughput"])
+    say(f"{ok} of {len(report['throughput'])} throughput cells measured, {skipped} skipped by the time budget")
+    for model, cell in fastest_settings(report["throughput"]).items():
+        overhead = alr_overhead(report["throughput"], cell)
+        alr_text = f"ALR-S {overhead:+.1f} % per image" if overhead is not None else "ALR-S not measured there"
+        say(f"fastest {model}: {setting_label(cell)}, {cell['train_images_per_s']:,.0f} images/s ({alr_text})")
+    for name, p in report["predictions"].items():
+        hours = [f"{p[k]['hours']:,.1f}" if p[k]["hours"] else "not measured" for k in ("configured", "fastest")]
+        partial = " (some cells not measured: see the report)" if p["configured"]["missing"] else ""
+        say(
+            f"{name}: {p['runs']} runs, GPU-hours {hours[0]} as configured, {hours[1]} at the fastest settings{partial}"
+        )
+    say(f"report: {md} and {md.with_suffix('.json')}")
+    failed = "FAILED" in report["tests"]["summary"] or any(e["status"] != "ok" for e in report["end_to_end"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

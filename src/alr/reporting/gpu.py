@@ -1,0 +1,317 @@
+"""What ``make gpu-check`` measured, as a report, and the GPU-hours each table's grid will take on that machine.
+
+Everything here is arithmetic on a measurement dict (the ``.json`` the check writes beside the
+``.md``), so the report and the predictions can be rebuilt and tested without a GPU.
+
+Prediction of one run (docs/gpu-check.md, "Before you spend GPU-days")::
+
+    seconds = epochs × (num_train × cost ÷ train images/s + num_test ÷ eval images/s)
+
+with the images/s that the check measured through the trainer for the run's backbone, its
+method's cost class and a setting (precision, ``channels_last``, ``torch.compile``); a table's
+GPU-hours sum this over every cell and seed of its grid. ``cost`` is 1, except for DML's two
+networks (2: each takes a full training step). Images ÷ images/s is steps per epoch ÷ steps/s with
+the last, partial batch counted by its size. Writing ``last.pt`` and ``metrics.jsonl`` once an epoch
+is not counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from alr.reporting.grid import expected_grid
+from alr.train import CONFIG_DIR
+
+# The method whose throughput stands for each method's step (same network, same extra work):
+# SLR is cross entropy with smoothed targets; ALR and ALR-S run the same residual-label loss.
+METHOD_COST: dict[str, tuple[str, float]] = {
+    "baseline": ("baseline", 1.0),
+    "slr": ("baseline", 1.0),
+    "alr": ("alr_s", 1.0),
+    "alr_s": ("alr_s", 1.0),
+    "dml": ("baseline", 2.0),  # two networks of the run's architecture, each a full step (SPEC §1)
+}
+SETTING_KEYS = ("precision", "channels_last", "compile")
+
+
+@dataclass
+class RunRecipe:
+    """One cell of a table's grid, as its composed config trains it."""
+
+    experiment: str
+    dataset: str
+    model: str
+    method: str
+    seeds: int
+    epochs: int
+    batch_size: int
+    num_train: int | None
+    num_test: int | None
+    precision: str
+    channels_last: bool
+    compile: bool
+
+
+def setting_label(cell: dict[str, Any]) -> str:
+    """``bf16, channels_last, compile``: a throughput cell's or recipe's setting in words."""
+    return ", ".join(
+        [cell["precision"], "channels_last" if cell["channels_last"] else "contiguous"]
+        + (["compile"] if cell["compile"] else ["eager"])
+    )
+
+
+def _lookup(throughput: list[dict[str, Any]], model: str, method: str, setting: dict[str, Any]) -> dict | None:
+    for cell in throughput:
+        if (
+            cell.get("status") == "ok"
+            and cell["model"] == model
+            and cell["method"] == method
+            and all(cell[k] == setting[k] for k in SETTING_KEYS)
+        ):
+            return cell
+    return None
+
+
+def fastest_settings(throughput: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per backbone, the measured baseline cell with the most training images/s."""
+    best: dict[str, dict[str, Any]] = {}
+    for cell in throughput:
+        if cell.get("status") != "ok" or cell["method"] != "baseline":
+            continue
+        if cell["model"] not in best or cell["train_images_per_s"] > best[cell["model"]]["train_images_per_s"]:
+            best[cell["model"]] = cell
+    return best
+
+
+def run_seconds(recipe: RunRecipe, throughput: list[dict[str, Any]], setting: dict[str, Any]) -> float | str:
+    """Seconds one run of ``recipe`` takes under ``setting``, or why it cannot be predicted."""
+    if recipe.method not in METHOD_COST:
+        return f"method {recipe.method} not measured"
+    if recipe.num_train is None or recipe.num_test is None:
+        return f"dataset {recipe.dataset} has no num_train/num_test in its config"
+    measured_as, cost = METHOD_COST[recipe.method]
+    cell = _lookup(throughput, recipe.model, measured_as, setting)
+    if cell is None:
+        return f"{recipe.model} / {measured_as} not measured at {setting_label(setting)}"
+    train = recipe.num_train * cost / cell["train_images_per_s"]
+    evaluate = recipe.num_test / cell["eval_images_per_s"]
+    return recipe.epochs * (train + evaluate)
+
+
+def predict(recipes: list[RunRecipe], throughput: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per experiment: its runs, and GPU-hours as configured and at each backbone's fastest measured setting.
+
+    A cell that cannot be predicted is left out of the sum, with the reason listed (once per cell) under ``missing``.
+    """
+    fastest = fastest_settings(throughput)
+    out: dict[str, dict[str, Any]] = {}
+    for r in recipes:
+        table = out.setdefault(
+            r.experiment,
+            {"runs": 0, "configured": {"hours": 0.0, "missing": []}, "fastest": {"hours": 0.0, "missing": []}},
+        )
+        table["runs"] += r.seeds
+        configured = {k: getattr(r, k) for k in SETTING_KEYS}
+        for name, setting in (("configured", configured), ("fastest", fastest.get(r.model))):
+            seconds = run_seconds(r, throughput, setting) if setting else f"{r.model} not measured"
+            if isinstance(seconds, str):
+                table[name]["missing"].append(seconds)
+            else:
+                table[name]["hours"] += r.seeds * seconds / 3600
+    return out
+
+
+def alr_overhead(throughput: list[dict[str, Any]], cell: dict[str, Any]) -> float | None:
+    """ALR-S's extra time per image over the baseline at ``cell``'s backbone and setting, in percent."""
+    setting = {k: cell[k] for k in SETTING_KEYS}
+    base = _lookup(throughput, cell["model"], "baseline", setting)
+    alr = _lookup(throughput, cell["model"], "alr_s", setting)
+    if not base or not alr:
+        return None
+    return 100.0 * (base["train_images_per_s"] / alr["train_images_per_s"] - 1.0)
+
+
+def _num(value: float | None, fmt: str = ",.0f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.1f} h" if h >= 1 else f"{60 * h:.0f} min"
+
+
+def _prediction_rows(report: dict[str, Any]) -> list[str]:
+    rows = []
+    fastest = fastest_settings(report["throughput"])
+    for experiment, p in report["predictions"].items():
+        settings = "; ".join(
+            f"{m}: {setting_label(c)}" for m, c in fastest.items() if m in {r["model"] for r in report["recipes"]}
+        )
+
+        def cell(side: dict[str, Any]) -> str:
+            if side["missing"] and not side["hours"]:
+                return "not measured"
+            text = _hours(side["hours"])
+            n = len(side["missing"])
+            return text + (f" (+ {n} {'cell' if n == 1 else 'cells'} not measured)" if n else "")
+
+        rows.append(
+            f"| {experiment} | {p['runs']} | {cell(p['configured'])} | {cell(p['fastest'])} | "
+            f"{_hours(p['fastest']['hours'] / 8) if p['fastest']['hours'] else '—'} | {settings or '—'} |"
+        )
+    return rows
+
+
+def render(report: dict[str, Any]) -> str:
+    """The Markdown report of one machine's check, from its measurement dict."""
+    m = report["machine"]
+    peak = m.get("peak_tflops")
+    lines = [
+        f"# GPU check: {m['gpu']}",
+        "",
+        f"Generated by `{report['command']}` on {report['date']} in {report['elapsed_s']:.0f} s; never edited by hand "
+        "(rerun the check to update it). The figures hold for this machine only.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| GPU | {m['gpu']}, {m['memory_gib']:.1f} GiB, compute capability {m['capability']}, {m['sms']} SMs |",
+        f"| driver / CUDA / cuDNN | {m['driver']} / {m['cuda']} / {m['cudnn']} |",
+        f"| torch / Python | {m['torch']} / {m['python']} |",
+        f"| suite | alr {m['alr']} ({m['commit']}) |",
+        f"| dense fp16/bf16 peak | {f'{peak:g} TFLOP/s' if peak else 'unknown (not in alr.flops.PEAK_TFLOPS)'} |",
+        f"| fp32 matmuls / convolutions | {m['fp32_matmul']} / {m['fp32_conv']} |",
+    ]
+    lines += [f"| {name} | {state} |" for name, state in report["optional"].items()]
+    t = report["tests"]
+    lines += ["", "## GPU tests (`pytest -m gpu`)", "", t["summary"]]
+    lines += [f"- failed: `{name}`: {why}" for name, why in t.get("failures", [])]
+    lines += [
+        "",
+        "## End to end: `python -m alr.train`, Table 1's composition on sample CIFAR-10 files",
+        "",
+        "| precision | result | final train loss | test acc (%) | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for e in report["end_to_end"]:
+        lines.append(
+            f"| {e['precision']} | {e['status']} | {_num(e.get('final_loss'), '.4f')} | "
+            f"{_num(e.get('test_acc'), '.2f')} | {_num(e.get('seconds'), '.1f')} |"
+        )
+    lines += [
+        "",
+        "## Training throughput through the trainer",
+        "",
+        "Steady state: images/s of each measured epoch after a warm-up epoch (cuDNN autotuning, compilation), "
+        "the device synchronised at each epoch's end, as `metrics.jsonl` records `train/images_per_s`; the range "
+        "is the slowest and fastest measured epoch. Synthetic on-device images (`dataset=synthetic`), the "
+        "table's optimizer and batch size. ALR-S overhead: its time per image over the baseline's, same setting "
+        "(target ≤ 1 %). Of peak: training FLOPs per image × images/s ÷ the dense fp16/bf16 peak.",
+        "",
+        "| backbone | input | batch | precision | memory format | mode | baseline img/s | range | ALR-S img/s "
+        "| ALR-S overhead | eval img/s | of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    flops = report.get("flops_per_image", {})
+    for cell in report["throughput"]:
+        if cell["method"] != "baseline":
+            continue
+        alr = _lookup(report["throughput"], cell["model"], "alr_s", cell)
+        head = (
+            f"| {cell['model']} | {cell['image_size']}² K={cell['num_classes']} | {cell['batch_size']} | "
+            f"{cell['precision']} | {'channels_last' if cell['channels_last'] else 'contiguous'} | "
+            f"{'compile' if cell['compile'] else 'eager'} | "
+        )
+        if cell["status"] != "ok":
+            lines.append(head + f"{cell['status']} | | | | | |")
+            continue
+        ips = cell["train_images_per_s"]
+        overhead = alr_overhead(report["throughput"], cell)
+        frac = f"{100 * flops[cell['model']] * ips / (peak * 1e12):.1f} %" if peak and cell["model"] in flops else "—"
+        lines.append(
+            head + f"{ips:,.0f} | {cell['range'][0]:,.0f}–{cell['range'][1]:,.0f} | "
+            f"{_num(alr['train_images_per_s']) if alr else '—'} | "
+            f"{f'{overhead:+.1f} %' if overhead is not None else '—'} | {cell['eval_images_per_s']:,.0f} | {frac} |"
+        )
+    if flops:
+        lines += ["", "Training GFLOPs per image: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items()) + "."]
+    lines += ["", "## Fastest settings found", ""]
+    best = fastest_settings(report["throughput"])
+    lines += [f"- {model}: {setting_label(c)} ({c['train_images_per_s']:,.0f} images/s)" for model, c in best.items()]
+    if not best:
+        lines.append("none measured")
+    lines += [
+        "",
+        "## Predicted GPU-hours per table on this machine",
+        "",
+        "Each table's grid from `configs/experiment/<table>.yaml` (its cells × seeds; epochs, batch size and "
+        "data set sizes from the composed configs): Σ epochs × (train images ÷ train images/s + test images ÷ "
+        "eval images/s). As configured: the precision, memory format and compile setting the table's runs use "
+        "now; fastest: each backbone's fastest setting above (a different precision changes the numerics: check "
+        "before adopting it). With N GPUs (`GPUS=0,1,...`), the wall time is about the GPU-hours ÷ N.",
+        "",
+        "| table | runs | GPU-hours as configured | GPU-hours at the fastest settings | wall time on 8 GPUs "
+        "(fastest) | fastest settings used |",
+        "|---|---|---|---|---|---|",
+        *_prediction_rows(report),
+    ]
+    missing = [
+        f"- {exp}, {side.replace('configured', 'as configured')}: {reason} ({n} {'cell' if n == 1 else 'cells'})"
+        for exp, p in report["predictions"].items()
+        for side in ("configured", "fastest")
+        for reason, n in sorted(Counter(p[side]["missing"]).items())
+    ]
+    if missing:
+        lines += ["", "Cells left out of the sums:", "", *missing]
+    if report.get("skipped_experiments"):
+        lines += ["", "Not predicted: " + "; ".join(report["skipped_experiments"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def table_recipes(experiment: str) -> list[RunRecipe]:
+    """The cells of ``experiment``'s grid (:func:`~alr.reporting.grid.expected_grid`), each as its config trains it.
+
+    Each cell is composed as ``experiment=<name> dataset=<d> model=<m> method=<k>``: the data set and method
+    options are named as their ``name`` fields are, which holds for every config of the suite.
+    """
+    grid = expected_grid(experiment)
+    recipes = []
+    for dataset, model, method in grid.cells:
+        cfg = compose_config([f"experiment={experiment}", f"dataset={dataset}", f"model={model}", f"method={method}"])
+        t, d = cfg.trainer, cfg.dataset
+        recipes.append(
+            RunRecipe(
+                experiment=experiment,
+                dataset=dataset,
+                model=model,
+                method=method,
+                seeds=len(grid.seeds),
+                epochs=int(t.epochs),
+                batch_size=int(t.batch_size),
+                num_train=d.get("num_train"),
+                num_test=d.get("num_test"),
+                precision=str(t.precision),
+                channels_last=bool(t.channels_last),
+                compile=bool(t.compile),
+            )
+        )
+    return recipes
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """``configs/train.yaml`` composed with ``overrides`` as the entry point composes it (``${hydra:...}`` resolves)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    GlobalHydra.instance().clear()
+    return cfg

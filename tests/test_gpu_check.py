@@ -1,0 +1,237 @@
+"""`make gpu-check` on the CPU: clear exits, predictions, the report, one measurement; compiled training on CUDA."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alr.checkpoint import load_checkpoint
+from alr.data import samples
+from alr.gpu_check import BACKBONES, Backbone, Cell, plan, slug, throughput, write_report
+from alr.models import PreActResNet18
+from alr.reporting.gpu import RunRecipe, predict, render, table_recipes
+from conftest import ROOT, run_train
+
+SCRIPT = [sys.executable, str(ROOT / "scripts" / "gpu_check.py")]
+
+
+def _script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([*SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_without_cuda_the_check_exits_with_one_line():
+    proc = _script({"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: no CUDA device is visible (torch ")
+    assert "make gpu-check" in proc.stderr
+
+
+def test_a_missing_package_is_named_with_how_to_install_it(tmp_path: Path):
+    shadow = tmp_path / "shadow" / "hydra"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'hydra'\", name='hydra')\n")
+    proc = _script({"PYTHONPATH": str(tmp_path / "shadow")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert "the GPU check needs hydra-core>=1.3,<1.4 (import hydra: ModuleNotFoundError" in proc.stderr
+    assert "python -m pip install 'hydra-core>=1.3,<1.4'" in proc.stderr and "make gpu-wheels" in proc.stderr
+    assert "omegaconf" not in proc.stderr.split("Install with")[0]  # only what is missing
+
+
+def _cell(model: str, method: str, precision: str, ips: float, eval_ips: float, cl=True, comp=False, **kw) -> dict:
+    return {
+        "model": model,
+        "image_size": 32,
+        "num_classes": 100,
+        "batch_size": 128,
+        "method": method,
+        "precision": precision,
+        "channels_last": cl,
+        "compile": comp,
+        "status": "ok",
+        "train_images_per_s": ips,
+        "range": [0.99 * ips, 1.01 * ips],
+        "eval_images_per_s": eval_ips,
+        **kw,
+    }
+
+
+THROUGHPUT = [
+    _cell("preact_resnet18", "baseline", "fp32", 10_000, 50_000),
+    _cell("preact_resnet18", "alr_s", "fp32", 9_900, 50_000),
+    _cell("preact_resnet18", "baseline", "bf16", 20_000, 100_000),
+    _cell("preact_resnet18", "alr_s", "bf16", 19_800, 100_000),
+    _cell("wrn28_10", "baseline", "fp32", 2_000, 10_000),
+    _cell("wrn28_10", "alr_s", "fp32", 1_990, 10_000),
+    {**_cell("wrn28_10", "baseline", "bf16", 0, 0), "status": "skipped (time budget)"},
+]
+
+
+def test_predicted_gpu_hours_of_table1_from_its_configs_and_given_throughputs():
+    recipes = table_recipes("table1")
+    assert len(recipes) == 16 and {r.seeds for r in recipes} == {5}
+    r = recipes[0]
+    assert (r.epochs, r.batch_size, r.num_train, r.num_test, r.precision, r.compile) == (
+        300,
+        128,
+        50000,
+        10000,
+        "fp32",
+        False,
+    )
+    p = predict(recipes, THROUGHPUT)["table1"]
+    assert p["runs"] == 80
+    # Per run: 300 epochs × (50,000 ÷ train images/s + 10,000 ÷ eval images/s); 5 seeds; 2 data sets.
+    preact = 300 * (50_000 / 10_000 + 10_000 / 50_000) * 2 + 300 * (50_000 / 9_900 + 10_000 / 50_000) * 2
+    wrn = 300 * (50_000 / 2_000 + 10_000 / 10_000) * 2 + 300 * (50_000 / 1_990 + 10_000 / 10_000) * 2
+    assert p["configured"]["hours"] == pytest.approx(2 * 5 * (preact + wrn) / 3600)
+    assert p["configured"]["missing"] == []
+    # Fastest: bf16 for preact_resnet18 (the skipped wrn28_10 bf16 cell does not count).
+    preact_bf16 = 300 * (50_000 / 20_000 + 0.1) * 2 + 300 * (50_000 / 19_800 + 0.1) * 2
+    assert p["fastest"]["hours"] == pytest.approx(2 * 5 * (preact_bf16 + wrn) / 3600)
+
+
+def test_cells_not_measured_are_left_out_and_named():
+    common = dict(seeds=1, epochs=10, batch_size=64, num_train=1000, num_test=100, channels_last=True, compile=False)
+    recipes = [
+        RunRecipe("t", "cifar100", "preact_resnet18", "dml", precision="fp32", **common),
+        RunRecipe("t", "cifar100", "preact_resnet18", "kd", precision="fp32", **common),
+        RunRecipe("t", "cifar100", "resnet32", "baseline", precision="fp32", **common),
+        RunRecipe("t", "cifar100", "preact_resnet18", "slr", precision="fp16", **common),
+        RunRecipe("t", "text", "preact_resnet18", "baseline", **{**common, "num_train": None}, precision="fp32"),
+    ]
+    p = predict(recipes, THROUGHPUT)["t"]
+    assert p["configured"]["hours"] == pytest.approx(10 * (2 * 1000 / 10_000 + 100 / 50_000) / 3600)  # DML: 2 nets
+    assert p["configured"]["missing"] == [
+        "method kd not measured",
+        "resnet32 / baseline not measured at fp32, channels_last, eager",
+        "preact_resnet18 / baseline not measured at fp16, channels_last, eager",
+        "dataset text has no num_train/num_test in its config",
+    ]
+
+
+def _report() -> dict:
+    common = dict(epochs=300, batch_size=128, num_train=50000, num_test=10000, precision="fp32", compile=False)
+    recipes = [
+        RunRecipe("table1", d, m, k, seeds=5, channels_last=True, **common)
+        for d in ("cifar10", "cifar100")
+        for m in ("preact_resnet18", "wrn28_10")
+        for k in ("baseline", "slr", "alr", "alr_s")
+    ] + [RunRecipe("table1", "cifar100", "resnet32", "kd", seeds=5, channels_last=True, **common)]
+    return {
+        "command": "python -m alr.gpu_check",
+        "date": "2026-11-25 22:00 UTC",
+        "elapsed_s": 431.0,
+        "machine": {
+            "gpu": "NVIDIA H100 80GB HBM3",
+            "memory_gib": 79.2,
+            "capability": "9.0",
+            "sms": 132,
+            "driver": "580.159.04",
+            "cuda": "13.0",
+            "cudnn": 91300,
+            "torch": "2.11.0+cu130",
+            "python": "3.12.3",
+            "alr": "0.1.0",
+            "commit": "abc1234",
+            "peak_tflops": 989.0,
+            "bf16": True,
+            "fp32_matmul": "IEEE fp32",
+            "fp32_conv": "TF32",
+        },
+        "optional": {"W&B (logger=wandb)": "skipped: ModuleNotFoundError: No module named 'wandb'"},
+        "tests": {"summary": "passed: 3 passed, 0 failed, 0 skipped in 41 s", "failures": []},
+        "end_to_end": [
+            {"precision": "fp32", "status": "ok", "final_loss": 1.2345, "test_acc": 71.5, "seconds": 12.0},
+            {"precision": "fp16", "status": "failed: non-finite loss at epoch 2"},
+        ],
+        "throughput": copy.deepcopy(THROUGHPUT),
+        "flops_per_image": {"preact_resnet18": 3.33e9},
+        "recipes": [r.__dict__ for r in recipes],
+        "recipe_objects": recipes,
+        "skipped_experiments": ["demo (trains on the CPU: trainer.device=cpu)"],
+    }
+
+
+def test_the_report_is_generated_from_the_measurements(tmp_path: Path):
+    md = write_report(_report(), tmp_path)
+    assert md.name == "nvidia-h100-80gb-hbm3.md" and slug("Tesla V100-SXM2-16GB") == "tesla-v100-sxm2-16gb"
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert "recipe_objects" not in data and data["predictions"]["table1"]["runs"] == 85
+    text = md.read_text()
+    assert text == render(data)
+    assert "| driver / CUDA / cuDNN | 580.159.04 / 13.0 / 91300 |" in text
+    assert "| W&B (logger=wandb) | skipped: ModuleNotFoundError: No module named 'wandb' |" in text
+    assert "| fp16 | failed: non-finite loss at epoch 2 | — | — | — |" in text
+    # preact bf16: 20,000 images/s, ALR-S 1 % slower per image, 3.33 GFLOP × 20,000/s ÷ 989 TFLOP/s = 6.7 %.
+    assert (
+        "| preact_resnet18 | 32² K=100 | 128 | bf16 | channels_last | eager | 20,000 | 19,800–20,200 | 19,800 " in text
+    )
+    assert "| +1.0 % | 100,000 | 6.7 % |" in text
+    assert "| wrn28_10 | 32² K=100 | 128 | bf16 | channels_last | eager | skipped (time budget) |" in text
+    assert "- preact_resnet18: bf16, channels_last, eager (20,000 images/s)" in text
+    hours = data["predictions"]["table1"]["configured"]["hours"]
+    assert f"| table1 | 85 | {hours:,.1f} h (+ 1 cell not measured) |" in text
+    assert "- table1, as configured: method kd not measured (1 cell)" in text
+    assert "Not predicted: demo (trains on the CPU: trainer.device=cpu)." in text
+
+
+def test_the_plan_measures_each_setting_on_every_backbone_eager_first_then_compiled_bf16():
+    cells = plan(list(BACKBONES), ["fp32", "bf16", "fp16"])
+    assert len(cells) == len({(c.backbone, c.method, c.precision, c.channels_last, c.compile) for c in cells}) == 96
+    first = [(c.backbone.model, c.method, c.precision, c.channels_last, c.compile) for c in cells[:8]]
+    assert first == [(b.model, m, "fp32", True, False) for b in BACKBONES for m in ("baseline", "alr_s")]
+    assert not any(c.compile for c in cells[:48])
+    assert all(c.compile and c.precision == "bf16" and c.channels_last for c in cells[48:56])
+
+
+def test_throughput_is_measured_through_the_trainer(tmp_path: Path):
+    """The GPU path's measurement, run on the CPU: a warm-up epoch, then images/s from metrics.jsonl."""
+    tiny = Backbone("resnet32", image_size=8, num_classes=10, batch_size=4, eval_batch_size=8)
+    cells = [Cell(tiny, m, "fp32", False, False) for m in ("baseline", "alr_s")]
+    seen = []
+    out = throughput(cells, tmp_path, 1, 0.01, time.perf_counter() + 300, seen.append, device="cpu")
+    assert [c["status"] for c in out] == ["ok", "ok"] and len(seen) == 2
+    for c in out:
+        assert c["train_images_per_s"] > 0 and c["eval_images_per_s"] > 0 and c["range"][0] <= c["range"][1]
+    assert out[1]["steps_per_epoch"] == 10  # set by the first cell: at least 10 steps
+    skipped = throughput(cells[:1], tmp_path, 1, 0.01, time.perf_counter(), seen.append, device="cpu")
+    assert skipped[0]["status"] == "skipped (time budget)"
+
+
+def test_make_targets():
+    check = subprocess.run(["make", "-n", "gpu-check", "ARGS=--budget 600"], cwd=ROOT, capture_output=True, text=True)
+    assert "scripts/gpu_check.py --budget 600" in check.stdout
+    wheels = subprocess.run(["make", "-n", "gpu-wheels"], cwd=ROOT, capture_output=True, text=True)
+    assert "pip wheel --no-deps --wheel-dir .whl 'hydra-core>=1.3,<1.4'" in wheels.stdout
+
+
+@pytest.mark.gpu
+def test_compiled_training_on_cuda(tmp_path: Path):
+    """trainer.compile=true: the compiled backbone trains, evaluation runs it eagerly, last.pt loads as usual."""
+    data = tmp_path / "data"
+    samples.write_cifar(data, "cifar10", n_train=256, n_test=64)
+    run_train(
+        "experiment=table1",
+        "method=alr_s",
+        "trainer.device=cuda",
+        "trainer.precision=bf16",
+        "trainer.compile=true",
+        "trainer.epochs=2",
+        "trainer.batch_size=64",
+        "trainer.progress=false",
+        f"dataset.data_dir={data}",
+        out=tmp_path,
+    )
+    run = tmp_path / "table1" / "cifar10-preact_resnet18-alr_s-s0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "finished" and result["device"] != "cpu"
+    # last.pt holds the plain module's keys (no _orig_mod. prefix): an eager backbone loads it.
+    PreActResNet18(num_classes=10).load_state_dict(load_checkpoint(run / "last.pt")["model"])
