@@ -17,3 +17,7 @@ class DiskFullError(RunError):
 
 class RunFolderConflict(RunError):
     """A run folder that holds a run of another config: a sweep reports it and goes on with its other jobs."""
+
+
+class TeacherNotFinished(RunError):
+    """A KD run whose teacher run has not finished: a sweep reports it and goes on with its other jobs."""
