@@ -41,6 +41,8 @@ def test_table4_experiment_is_the_dml_papers_recipe_and_grid():
     assert (opt._target_, opt.lr, opt.momentum, opt.nesterov) == ("torch.optim.SGD", 0.1, 0.9, True)
     assert list(cfg.optim.scheduler.milestones) == [60, 120, 180] and cfg.optim.scheduler.gamma == 0.1
     assert cfg.method["update"] == "alternate"  # `method.update=simultaneous` on the command line
+    with pytest.raises(ValueError, match="config key 'method.update': unknown 'together'"):
+        DeepMutualLearning(nn.Linear(2, 2), update="together")
     grid = expected_grid("table4")
     resnet, wrn = ("cifar100", "resnet32"), ("cifar100", "wrn28_10")
     assert grid.cells == [(*wrn, "baseline"), (*wrn, "dml"), (*wrn, "alr_s")] + [
