@@ -51,7 +51,8 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             return None  # a cell of the sweep's product that is not in the table
         print(
-            f"error: {cfg.run_name} is not a cell of experiment {cfg.experiment_name} (its grid_exclude)",
+            f"error: {cfg.run_name} is not a cell of experiment {cfg.experiment_name} (its grid_exclude leaves it "
+            "out of the table). Choose another model= or method=.",
             file=sys.stderr,
         )
         sys.exit(2)
