@@ -9,7 +9,7 @@ GPUS   ?=
 ARGS   ?=
 comma  := ,
 
-.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 figure3 gpu-check gpu-wheels
+.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 reproduce-table4 figure3 gpu-check gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -78,18 +78,19 @@ GRID_OUT  := results
 GRID_ARGS :=
 endif
 
-# $(call sweep,EXPERIMENT): the experiment's Hydra multirun. With GPUS=0,1,... one multirun per GPU, each
-# training the jobs of its shard (job number mod the GPU count), logs in $(GRID_RUNS)/EXPERIMENT-shardI.log.
+# $(call sweep,EXPERIMENT[,OVERRIDES]): the experiment's Hydra multirun (OVERRIDES narrow it, e.g. to one phase).
+# With GPUS=0,1,... one multirun per GPU, each training the jobs of its shard (job number mod the GPU count),
+# logs in $(GRID_RUNS)/EXPERIMENT-shardI.log.
 define sweep
 $(if $(GPUS),@set -e; gpus="$(subst $(comma), ,$(GPUS))"; n=$$(echo $$gpus | wc -w); i=0; pids=""; \
 	mkdir -p $(GRID_RUNS); \
 	for g in $$gpus; do \
 		log=$(GRID_RUNS)/$(1)-shard$$i.log; echo "shard $$i/$$n on GPU $$g: $$log"; \
 		CUDA_VISIBLE_DEVICES=$$g $(PY) -m alr.train -m experiment=$(1) paths.output_dir=$(GRID_RUNS) \
-			$(GRID_ARGS) shard=$$i/$$n trainer.progress=false $(ARGS) > $$log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
+			$(GRID_ARGS) $(2) shard=$$i/$$n trainer.progress=false $(ARGS) > $$log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
 	done; \
 	status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status,\
-$(PY) -m alr.train -m experiment=$(1) paths.output_dir=$(GRID_RUNS) $(GRID_ARGS) $(ARGS))
+$(PY) -m alr.train -m experiment=$(1) paths.output_dir=$(GRID_RUNS) $(GRID_ARGS) $(2) $(ARGS))
 endef
 
 reproduce-table1: $(STAMP) ## Table 1: 80 CIFAR runs, then results/table1.md (SMOKE=1: on the CPU in minutes; GPUS=0,1,..)
@@ -98,6 +99,16 @@ ifeq ($(SMOKE),1)
 endif
 	$(call sweep,table1)
 	$(PY) -m alr.report table1 --runs $(GRID_RUNS)/table1 --out $(GRID_OUT)
+
+# Table 4 in two sweeps: the KD teachers (the WRN-28-10 baseline seeds) to the end, then every cell (the
+# teachers are found finished and skipped), so no KD run starts before its teacher, on GPUS= shards or SLURM.
+reproduce-table4: $(STAMP) ## Table 4: the KD teachers, then 35 CIFAR-100 runs, then results/table4.md (SMOKE=1, GPUS=0,1,..)
+ifeq ($(SMOKE),1)
+	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data cifar100
+endif
+	$(call sweep,table4,model=wrn28_10 method=baseline)
+	$(call sweep,table4)
+	$(PY) -m alr.report table4 --runs $(GRID_RUNS)/table4 --out $(GRID_OUT)
 
 FIG3_RUN    ?= $(GRID_RUNS)/table1/cifar10-preact_resnet18-alr-s0
 FIG3_EPOCHS ?=

@@ -91,7 +91,7 @@ def test_a_sweep_resumes_past_changed_loader_keys_and_goes_on_past_a_refused_fol
     )
     assert proc.returncode == 1, proc.stderr
     assert _status(out, 2) == "finished"
-    assert "error: 1 run folder(s) of this sweep were refused" in proc.stderr
+    assert "error: 1 run(s) of this sweep were refused, the others went on:" in proc.stderr
     assert f"{_run_dir(out, 0)} holds a run of another config: dataset.build.eval_batch_size" in proc.stderr
 
 

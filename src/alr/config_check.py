@@ -67,3 +67,12 @@ def parse_shard(value: Any) -> tuple[int, int]:
             "shard", f"must be 'i/n' with 0 <= i < n, got {value!r}", "For 4 GPUs: shard=0/4 ... shard=3/4."
         )
     return index, count
+
+
+def excluded(cfg: DictConfig, choices: Any) -> bool:
+    """Whether the composition (Hydra's ``runtime.choices``) is a cell the experiment's ``grid_exclude``
+    leaves out of its sweep's product (Table 4: KD of a WRN-28-10 from a WRN-28-10 teacher)."""
+    for cell in cfg.get("grid_exclude") or []:
+        if all(str(choices.get(key)) == str(value) for key, value in cell.items()):
+            return True
+    return False

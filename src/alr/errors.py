@@ -15,5 +15,14 @@ class DiskFullError(RunError):
     """The disk filled up while saving; the previous file is intact."""
 
 
-class RunFolderConflict(RunError):
-    """A run folder that holds a run of another config: a sweep reports it and goes on with its other jobs."""
+class Refused(RunError):
+    """A run refused before it wrote anything, for a reason of its own: a sweep goes on with its other jobs,
+    then exits 1 naming it (:mod:`alr.sweep`)."""
+
+
+class RunFolderConflict(Refused):
+    """A run folder that holds a run of another config."""
+
+
+class TeacherNotFinished(Refused):
+    """A KD run whose teacher run has not finished (Table 4 trains the teachers first)."""

@@ -1,4 +1,4 @@
-"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,figure3,plots,all}``."""
+"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,table4,figure3,plots,all}``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from alr.reporting.grid import expected_grid, missing_cells
 from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
 from alr.reporting.status import write_status
-from alr.reporting.tables import demo_table, table1
+from alr.reporting.tables import demo_table, table1, table4
 from alr.train import CONFIG_DIR
 
 
@@ -35,6 +35,15 @@ def table1_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
         print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table1 trains them)")
     print(table1(runs, out_dir / "table1.md", command=command))
     print(f"wrote {out_dir / 'table1.md'} and {out_dir / 'table1.csv'}")
+
+
+def table4_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
+    """``out_dir/table4.{md,csv}``: every row of Table 4 (DML: the mean and each network); "not run" where none ran."""
+    runs = load_runs(runs_dir) if runs_dir.exists() else []
+    if not runs:
+        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table4 trains them)")
+    print(table4(runs, out_dir / "table4.md", command=command))
+    print(f"wrote {out_dir / 'table4.md'} and {out_dir / 'table4.csv'}")
 
 
 def figure3(run_dir: Path, epochs: list[int] | None, panels: int, out: Path) -> None:
@@ -62,7 +71,11 @@ def _epochs(text: str) -> list[int]:
 
 # Experiment name (configs/experiment/<name>.yaml) -> builder(runs_dir, out_dir) of its tables and figures, and
 # the folder under results/ it writes into. `all` calls each builder whose runs/<name>/ holds run folders.
-REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {"demo": (demo, "demo"), "table1": (table1_report, "")}
+REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
+    "demo": (demo, "demo"),
+    "table1": (table1_report, ""),
+    "table4": (table4_report, ""),
+}
 
 
 def plots(runs_dir: Path, out_dir: Path) -> None:
@@ -107,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("table1", help="Table 1 (CIFAR) beside the paper's numbers: table1.md and table1.csv")
     p.add_argument("--runs", type=Path, default=Path("runs/table1"))
     p.add_argument("--out", type=Path, default=Path("results"))
+    p = sub.add_parser("table4", help="Table 4 (CIFAR-100, KD and DML) beside the paper's: table4.md and table4.csv")
+    p.add_argument("--runs", type=Path, default=Path("runs/table4"))
+    p.add_argument("--out", type=Path, default=Path("results"))
     p = sub.add_parser("figure3", help="Figure 3: one ALR run's residual labels at several epochs")
     p.add_argument("--run", type=Path, default=Path("runs/table1/cifar10-preact_resnet18-alr-s0"))
     p.add_argument("--epochs", type=_epochs, default=None, help="e.g. 1,60,160,300 (default: spread over the run)")
@@ -124,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.runs, args.out)
     elif args.what == "table1":
         table1_report(args.runs, args.out, command)
+    elif args.what == "table4":
+        table4_report(args.runs, args.out, command)
     elif args.what == "figure3":
         figure3(args.run, args.epochs, args.panels, args.out)
     elif args.what == "plots":

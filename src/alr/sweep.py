@@ -1,7 +1,8 @@
-"""A sweep goes past the run folders it must refuse, then says which: ``hydra.callbacks.exit_on_refused``.
+"""A sweep goes past the runs it must refuse, then says which: ``hydra.callbacks.exit_on_refused``.
 
-A folder that holds a run of another config (:class:`alr.errors.RunFolderConflict`) is refused before
-anything is written; in a multirun the entry point records it here and goes on with the other jobs.
+A run refused before it wrote anything (:class:`alr.errors.Refused`: its folder holds a run of another
+config, or a KD teacher has not finished) is recorded here by the entry point in a multirun, which goes
+on with the other jobs.
 (The list lives in this module, not in ``alr.train``: run as ``python -m alr.train`` that module is
 ``__main__``, while Hydra imports the callback from ``alr.train``, a second copy.)
 """
@@ -18,10 +19,10 @@ REFUSED: list[str] = []
 
 
 class ExitOnRefused(Callback):
-    """Once the sweep has trained every job it could, exit 1 naming the refused run folders, one line each."""
+    """Once the sweep has trained every job it could, exit 1 naming the refused runs, one line each."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if REFUSED:
-            print(f"error: {len(REFUSED)} run folder(s) of this sweep were refused:", file=sys.stderr)
+            print(f"error: {len(REFUSED)} run(s) of this sweep were refused, the others went on:", file=sys.stderr)
             print("\n".join(f"error: {line}" for line in REFUSED), file=sys.stderr)
             sys.exit(1)

@@ -12,8 +12,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from alr.checkpoint import write_json
-from alr.config_check import ConfigError, parse_shard, validate
-from alr.errors import RunError, RunFolderConflict
+from alr.config_check import ConfigError, excluded, parse_shard, validate
+from alr.errors import Refused, RunError
 from alr.preempt import Interrupted
 from alr.sweep import REFUSED
 from alr.trainer import NonFiniteLossError, fit, prepare_run_dir
@@ -47,7 +47,17 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if cfg.shard is not None and HydraConfig.get().mode.name == "MULTIRUN":
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    if excluded(cfg, HydraConfig.get().runtime.choices):
+        if multirun:
+            return None  # a cell of the sweep's product that is not in the table
+        print(
+            f"error: {cfg.run_name} is not a cell of experiment {cfg.experiment_name} (its grid_exclude leaves it "
+            "out of the table). Choose another model= or method=.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if cfg.shard is not None and multirun:
         index, count = parse_shard(cfg.shard)
         if HydraConfig.get().job.num % count != index:
             return None  # another shard's job
@@ -56,12 +66,12 @@ def main(cfg: DictConfig) -> float | None:
     except NonFiniteLossError as e:
         write_json({"status": "failed", "error": str(e)}, run_dir / "result.json")
         print(f"error: {run_dir}: {e}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if multirun:
             return None  # the sweep goes on with the other jobs; the tables show this cell as failed
         sys.exit(1)
-    except RunFolderConflict as e:  # nothing written; a sweep goes on with its other jobs
+    except Refused as e:  # nothing written: another config's folder, a KD teacher not finished; a sweep goes on
         print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if multirun:
             REFUSED.append(str(e))  # ExitOnRefused names them when the sweep ends
             return None
         sys.exit(1)

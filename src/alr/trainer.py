@@ -121,20 +121,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, method: nn.Module, batches, limit: int | None, autocast) -> dict[str, float]:
-    """Top-1 (and top-5 where K > 5) accuracy in percent, and the mean cross entropy."""
+    """Top-1 (and top-5 where K > 5) accuracy in percent, and the mean cross entropy.
+
+    A method scored by several networks (DML) gets each one's metrics as ``test/<name>/...`` and, as
+    ``test/...``, their mean.
+    """
     model.eval()
-    correct1 = correct5 = loss_sum = n = 0
+    method.eval()
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
     for x, y in islice(batches.epoch(0), limit):
         with autocast():
-            logits = method.predict(model, x).float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum()
-        correct5 += (top == y[:, None]).any(dim=1).sum()
+            outputs = method.predictions(model, x)
+        for name, logits in outputs.items():
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            batch = torch.stack(
+                [
+                    (top[:, 0] == y).sum().float(),
+                    (top == y[:, None]).any(dim=1).sum().float(),
+                    torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
+                ]
+            )
+            sums[name] = sums[name] + batch if name in sums else batch
         n += len(y)
-    out = {"test/acc": 100.0 * float(correct1) / n, "test/loss": float(loss_sum) / n}
-    if logits.shape[1] > 5:
-        out["test/acc5"] = 100.0 * float(correct5) / n
+    per = {
+        name: {"acc": 100.0 * float(s[0]) / n, "acc5": 100.0 * float(s[1]) / n, "loss": float(s[2]) / n}
+        for name, s in sums.items()
+    }
+    keys = ("acc", "loss", "acc5") if logits.shape[1] > 5 else ("acc", "loss")
+    out = {f"test/{k}": sum(m[k] for m in per.values()) / len(per) for k in keys}
+    if len(per) > 1:
+        out.update({f"test/{name}/{k}": m[k] for name, m in per.items() for k in keys})
     return out
 
 
@@ -468,6 +486,12 @@ def _write_epoch(run_dir: Path, cfg: DictConfig, parts: Parts, record: dict[str,
             logger.log_matrix(name, m, parts.data.class_names, step=epoch)
 
 
+def _by_network(record: dict[str, Any]) -> dict[str, float]:
+    """Each network's test accuracy in an epoch's record, for a method scored by several (DML)."""
+    parts = {tuple(k.split("/")): v for k, v in record.items()}
+    return {key[1]: v for key, v in parts.items() if len(key) == 3 and key[0] == "test" and key[2] == "acc"}
+
+
 def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str, int], run_dir: Path) -> dict:
     final = read_metrics(run_dir / "metrics.jsonl")[-1]
     device = parts.device
@@ -475,6 +499,7 @@ def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str,
         "status": "finished",
         "final_test_acc": final["test/acc"],
         "final_test_acc5": final.get("test/acc5"),
+        **({"final_test_acc_by_network": nets} if (nets := _by_network(final)) else {}),
         "best_test_acc": progress.best[0],
         "best_epoch": progress.best[1],
         "epochs": cfg.trainer.epochs,

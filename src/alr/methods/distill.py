@@ -7,6 +7,8 @@ returns a :class:`StepOutput`; the loss is computed in float32 whatever the auto
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -16,8 +18,8 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from alr.checkpoint import load_checkpoint
-from alr.errors import RunError
-from alr.methods.supervised import Method, StepOutput
+from alr.errors import RunError, TeacherNotFinished
+from alr.methods.supervised import Method, StepOutput, Update
 
 
 def kl_to(log_p_student: Tensor, log_p_target: Tensor) -> Tensor:
@@ -63,7 +65,7 @@ def load_teacher(teacher_run: str | Path | None, dataset: str, num_classes: int)
     result = run / "result.json"
     status = json.loads(result.read_text()).get("status") if result.is_file() else "not started"
     if status != "finished":
-        raise RunError(
+        raise TeacherNotFinished(
             f"config key 'method.teacher_run': the teacher run {run} has not finished (status {status!r} in "
             f"{result.name}). Finish it by rerunning its command, or point method.teacher_run at a finished run."
         )
@@ -127,31 +129,78 @@ class KnowledgeDistillation(Method):
 class DeepMutualLearning(Method):
     r"""Deep mutual learning (Zhang et al. 2018), the ``dml`` row of ALR's Table 4 (§4.3; SPEC §1).
 
-    A cohort of two networks of one architecture, the run's backbone and ``peer``; each minimises
+    A cohort of two networks of one architecture, the run's backbone (network 1) and ``peer``
+    (network 2); each minimises
 
-    .. math:: L_i = CE(z_i, y) + KL(p_j \,\|\, p_i), \qquad p_j \text{ detached},
+    .. math:: L_i = CE(z_i, y) + KL(p_j \,\|\, p_i), \qquad p_j \text{ detached}.
 
-    and this module returns ``L_1 + L_2``: since the peer's distribution is detached in each term,
-    the gradient of the sum with respect to each network is that network's own ``L_i``.
+    Two update rules (``update``):
 
-    Choices where the papers are silent (also in docs/deviations.md):
+    * ``alternate`` (Zhang et al., Algorithm 1; the default of Table 4): network 1 is stepped on
+      ``L_1``; its predictions are then computed again with its updated weights, and network 2 is
+      stepped on ``L_2`` against them. Three forward passes per step (network 1 twice) and two
+      optimizer steps.
+    * ``simultaneous``: one forward pass each and one optimizer step on ``L_1 + L_2`` (since the
+      peer's distribution is detached in each term, each network's gradient is its own ``L_i``'s).
+      The cheaper variant, used by most re-implementations.
 
-    * **Simultaneous updates.** Zhang et al. update the two networks in turn, the second against the
-      first's *updated* predictions; here both are updated in the same optimizer step from one
-      forward pass each (half the forward passes, the usual implementation).
-    * **The peer belongs to this module**: its parameters go to the optimizer (in the method's group,
-      whose weight decay ``configs/method/dml.yaml`` sets equal to the backbone's) and into ``last.pt``;
-      it is built by ``instantiate`` from the run's own model config (``peer: ${model}``) with its own
-      random initialisation.
-    * **Evaluation and the reported accuracy** use the backbone (network 1); the peer's training
-      terms are logged as ``peer_L_hard`` and ``peer_L_kl``.
+    Choices where the papers are silent (also in ``docs/table4.md``):
+
+    * **One optimizer, two parameter groups.** The peer's parameters form the method's group
+      (weight decay equal to the backbone's, ``configs/method/dml.yaml``). The trainer's ``update``
+      sets every gradient to ``None`` before its backward pass, so the parameters a loss does not
+      reach are not stepped, and every parameter keeps its own momentum buffer: that is exactly two
+      SGD optimizers with the same schedule (a test checks it against a hand-written two-optimizer
+      loop), and all of it is in ``last.pt``.
+    * **Network 1's updated predictions** are computed in training mode (batch-norm batch statistics,
+      a fresh dropout draw) without gradients; its batch-norm running statistics therefore see each
+      batch twice under ``alternate``. Network 2's step reuses its forward pass from before network
+      1's step (its weights have not changed in between).
+    * **The peer belongs to this module**: its parameters go to the optimizer and into ``last.pt``; it is
+      built by ``instantiate`` from the run's own model config (``peer: ${model}``) with its own random
+      initialisation.
+    * **Evaluation** scores both networks (``test/net1/acc``, ``test/net2/acc``); the run's accuracy
+      (``test/acc``, ``final_test_acc``) is their mean, the DML paper's convention. The loss logged is
+      ``L_1 + L_2``, the training accuracy network 1's; the peer's terms are ``peer_L_hard`` and ``peer_L_kl``.
     """
 
-    def __init__(self, peer: nn.Module) -> None:
+    UPDATES = ("alternate", "simultaneous")
+
+    def __init__(self, peer: nn.Module, update: str = "alternate") -> None:
         super().__init__()
-        self.peer = peer
+        if update not in self.UPDATES:
+            raise ValueError(f"config key 'method.update': unknown {update!r}; use alternate or simultaneous")
+        self.peer, self.update = peer, update
 
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         logits = model(inputs)
         loss, terms = dml_loss(logits, self.peer(inputs), targets)
         return StepOutput(loss, logits, terms)
+
+    def train_step(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        update: Update,
+        autocast: Callable[[], AbstractContextManager],
+    ) -> StepOutput:
+        if self.update == "simultaneous":
+            return super().train_step(model, inputs, targets, update, autocast)
+        with autocast():
+            logits, peer_logits = model(inputs), self.peer(inputs)
+            loss1, terms1 = dml_loss(logits, peer_logits.detach(), targets)
+        update(loss1)  # network 1 on L_1 (the peer's half of the sum has no gradient here)
+        with torch.no_grad(), autocast():
+            updated = model(inputs)
+        with autocast():
+            loss2, terms2 = dml_loss(updated, peer_logits, targets)
+        update(loss2)  # network 2 on L_2, against network 1's updated predictions
+        terms = {k: terms1[k] for k in ("L_hard", "L_kl")} | {k: terms2[k] for k in ("peer_L_hard", "peer_L_kl")}
+        loss = terms["L_hard"] + terms["L_kl"] + terms["peer_L_hard"] + terms["peer_L_kl"]
+        return StepOutput(loss, logits, terms)
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+        """Both networks' logits: the run is scored by the mean of their accuracies."""
+        return {"net1": model(inputs), "net2": self.peer(inputs)}

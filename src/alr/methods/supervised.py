@@ -81,6 +81,12 @@ class Method(nn.Module):
         """Logits used for evaluation: the backbone's."""
         return model(inputs)
 
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+        """The logits of every network the run is scored by, by name; the trainer reports each one's
+        metrics and, as the run's own, their mean. One network (``predict``) unless a method has several."""
+        return {"": self.predict(model, inputs)}
+
 
 class Supervised(Method):
     """One network trained by a criterion on its own logits: ``baseline``, ``slr``, ``alr``, ``alr_s``."""

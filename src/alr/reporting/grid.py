@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from alr.config_check import excluded
 from alr.reporting.runs import Run
 from alr.train import CONFIG_DIR
 
@@ -44,7 +45,8 @@ def _values(params: dict[str, str]) -> dict[str, list[str]]:
 def expected_grid(experiment: str) -> Grid:
     """The (dataset, model, method) cells and seeds of ``experiment``'s ``hydra.sweeper.params``.
 
-    A key the sweep leaves out takes the experiment's composed value (the demo fixes dataset and model).
+    A key the sweep leaves out takes the experiment's composed value (the demo fixes dataset and model);
+    the cells of the experiment's ``grid_exclude`` are not in the grid.
     Cells are named as run folders name them (``dataset.name``, the model option, ``method.name``).
     """
     cfg = _compose([f"experiment={experiment}"])
@@ -54,6 +56,8 @@ def expected_grid(experiment: str) -> Grid:
     cells = []
     for dataset, model, method in itertools.product(*axes):
         run_cfg = _compose([f"experiment={experiment}", f"dataset={dataset}", f"model={model}", f"method={method}"])
+        if excluded(run_cfg, run_cfg.hydra.runtime.choices):
+            continue
         cells.append((run_cfg.dataset.name, model, run_cfg.method.name))
     seeds = [int(s) for s in values.get("seed", [str(cfg.seed)])]
     GlobalHydra.instance().clear()
