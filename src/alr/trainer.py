@@ -311,7 +311,9 @@ class _EpochTotals:
     def state_dict(self) -> dict[str, Any]:
         """The running sums over all ranks (collective: every rank calls it)."""
         totals = self.reduced()
-        return {k: getattr(totals, k) for k in ("names", "sums", "bad_terms", "correct", "first_bad", "seen", "seconds")}
+        return {
+            k: getattr(totals, k) for k in ("names", "sums", "bad_terms", "correct", "first_bad", "seen", "seconds")
+        }
 
     def load_state_dict(self, state: dict[str, Any], main: bool = True) -> None:
         """Start from the sums of a checkpoint (rank 0) or from zeros with its term names (other ranks)."""
@@ -358,7 +360,9 @@ class Parts:
         t = cfg.trainer
         self.device, self.world = world.device, world
         device = world.device
-        self.data = _build(cfg.dataset.build, None, batch_size=t.batch_size, device=device, seed=cfg.seed, **_shard(cfg, world))
+        self.data = _build(
+            cfg.dataset.build, None, batch_size=t.batch_size, device=device, seed=cfg.seed, **_shard(cfg, world)
+        )
         if self.data.num_classes != cfg.dataset.num_classes:
             raise RunError(
                 f"config key 'dataset.num_classes' is {cfg.dataset.num_classes} but the {cfg.dataset.name} data "

@@ -79,7 +79,8 @@ def scan_split(root: Path, split: str) -> tuple[list[str], list[str], list[int]]
         for name in names:
             if not name.lower().endswith(EXTENSIONS):
                 raise ValueError(
-                    f"imagenet: {folder / wnid / name} is not an image ({', '.join(EXTENSIONS)}). Move it out of the tree."
+                    f"imagenet: {folder / wnid / name} is not an image ({', '.join(EXTENSIONS)}). "
+                    "Move it out of the tree."
                 )
         files += [str(folder / wnid / n) for n in names]
         labels += [label] * len(names)
@@ -234,7 +235,11 @@ class DaliBatches:
             jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True)
             if self.train:
                 images = fn.decoders.image_random_crop(
-                    jpegs, device=decoder, output_type=types.RGB, random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3]
+                    jpegs,
+                    device=decoder,
+                    output_type=types.RGB,
+                    random_area=[0.08, 1.0],
+                    random_aspect_ratio=[0.75, 4 / 3],
                 )
                 images = fn.resize(images, resize_x=size, resize_y=size)
                 mirror = fn.random.coin_flip(probability=0.5)
@@ -318,13 +323,15 @@ def build(
 
     if not len(train_indices(0)):
         raise ValueError(
-            f"imagenet: {Path(data_dir) / folder}/train holds {len(train_files)} images, fewer than one global batch of "
-            f"{per_rank * world_size}. Lower trainer.batch_size or add images."
+            f"imagenet: {Path(data_dir) / folder}/train holds {len(train_files)} images, fewer than one global "
+            f"batch of {per_rank * world_size}. Lower trainer.batch_size or add images."
         )
     if loader == "dali":
         common = dict(device=device, seed=seed, rank=rank, num_threads=num_workers, image_size=image_size)
         train = DaliBatches(train_files, train_labels, True, per_rank, train_indices, resize_size=resize_size, **common)
-        test = DaliBatches(val_files, val_labels, False, eval_batch_size, val_indices, resize_size=resize_size, **common)
+        test = DaliBatches(
+            val_files, val_labels, False, eval_batch_size, val_indices, resize_size=resize_size, **common
+        )
     else:
         normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
         augment = v2.Compose(

@@ -72,7 +72,9 @@ def write_cifar(root: str | Path, name: str, n_train: int = 200, n_test: int = 5
     return folder
 
 
-def write_imagenet(root: str | Path, name: str = "imagenet", n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
+def write_imagenet(
+    root: str | Path, name: str = "imagenet", n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> Path:
     """Write an ImageFolder tree ``root/imagenet/{train,val}/<wnid>/*.JPEG`` of digits; return its folder.
 
     Images are 64 high and 80 wide (not square, so resizing and cropping do something), saved as JPEG.
@@ -81,10 +83,11 @@ def write_imagenet(root: str | Path, name: str = "imagenet", n_train: int = 200,
 
     folder = Path(root) / name
     x, y = digit_images(n_train + n_test, size=80, seed=seed)
-    # Validation takes the classes in turn, so that every class folder of train/ is in val/ too (n_test >= 10).
+    # Validation takes the classes in turn from each one's second image on, so that both splits hold every
+    # class folder (given n_test >= 10 and two images of each class).
     rank_in_class = np.array([(y[:i] == label).sum() for i, label in enumerate(y)])
     is_val = np.zeros(len(y), dtype=bool)
-    is_val[np.lexsort((y, rank_in_class))[:n_test]] = True
+    is_val[np.lexsort((y, rank_in_class, rank_in_class == 0))[:n_test]] = True
     for i, (image, label) in enumerate(zip(x, y)):
         split = "val" if is_val[i] else "train"
         path = folder / split / f"n{label:08d}" / f"{split}_{i:05d}.JPEG"
