@@ -77,6 +77,7 @@ RESUMABLE_CHANGES = (
     "trainer.device",
     "trainer.channels_last",
     "dataset.data_dir",
+    "dataset.folder",
     "dataset.download",
     "dataset.num_workers",
 )

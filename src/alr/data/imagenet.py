@@ -29,6 +29,7 @@ Validation is split ``files[rank::world_size]`` without padding: every image is 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,13 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 SPLITS = ("train", "val")
+
+
+def _has_dali() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no nvidia namespace package at all
+        return False
 
 
 def _how_to_get(root: Path) -> str:
@@ -307,6 +315,11 @@ def build(
     """
     if loader not in ("dali", "torchvision"):
         raise ValueError(f"dataset.loader must be 'dali' or 'torchvision', not {loader!r}")
+    if loader == "dali" and not _has_dali():
+        raise ValueError(
+            "dataset.loader=dali needs NVIDIA DALI, which is not installed: pip install -e '.[dali]' "
+            "(nvidia-dali-cuda130), or set dataset.loader=torchvision."
+        )
     device = torch.device(device)
     tree = scan_tree(Path(data_dir) / folder, num_classes)
     per_rank = batch_size // world_size
