@@ -77,3 +77,27 @@ def test_torchrun_two_processes_agree_count_validation_once_and_resume_bit_ident
     assert resumed == [
         {**m, "seconds": r["seconds"], "train/images_per_s": r["train/images_per_s"]} for m, r in zip(metrics, resumed)
     ]
+
+
+def test_a_slurm_task_started_by_submitit_finds_its_rank_and_the_master(monkeypatch):
+    """`hydra/launcher=slurm` with tasks_per_node=N: submitit's environment becomes torch's (env://)."""
+    from alr.distributed import _export_slurm_environment
+
+    torch_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    # A copy of the environment, so that what the export writes does not reach the other tests of this process.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in torch_keys})
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NTASKS": "16",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NODEID": "1",
+    }
+    os.environ.update(slurm)
+    _export_slurm_environment()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) >= 20000

@@ -128,7 +128,8 @@ def _export_slurm_environment() -> None:
     try:
         from submitit.helpers import TorchDistributedEnvironment
 
-        TorchDistributedEnvironment().export()
+        # Every task keeps seeing the node's GPUs: _device picks its own by LOCAL_RANK.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     except (ImportError, RuntimeError):  # not a submitit job (a plain srun): start it with torchrun instead
         return
 
@@ -138,8 +139,8 @@ def _device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"trainer.device={name} but no CUDA device is visible. Use trainer.device=cpu or auto.")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
+    if name == "cuda":  # one GPU per local process; where SLURM binds one GPU per task, it is device 0
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
