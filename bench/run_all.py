@@ -21,6 +21,7 @@ from pathlib import Path
 
 import bench_cifar_pipeline
 import bench_gpu
+import bench_imagenet_input
 import bench_loss
 import bench_train
 import benchutil
@@ -37,7 +38,15 @@ BENCHES = [
         ["--n", "20000", "--repeats", "3"],
     ),
     ("5. GPU throughput and the compute floor", "bench_gpu.py", bench_gpu.main, []),
+    (
+        "6. ImageNet input: DALI against a torchvision DataLoader",
+        "bench_imagenet_input.py",
+        bench_imagenet_input.main,
+        [],
+    ),
 ]
+# Benches that time data loading by wall clock and pick their own devices: no --device/--threads/--clock.
+OWN_CLOCK = ("bench_cifar_pipeline.py", "bench_imagenet_input.py")
 SECTIONS = [title for title, *_ in BENCHES]
 
 
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = []
     for title, script, run, extra in BENCHES:
         bench_args = ["--quick"] if args.quick else list(extra)
-        if script != "bench_cifar_pipeline.py":  # wall clock and its own device choice: DataLoader workers
+        if script not in OWN_CLOCK:
             bench_args += common
         print(f"== {title}: python bench/{script} {' '.join(bench_args)}", flush=True)
         out, t0 = _Tee(), time.perf_counter()

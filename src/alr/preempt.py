@@ -68,6 +68,10 @@ class StopOnSignal:
             signal.signal(sig, previous)
 
     def interrupted(self, where: str) -> Interrupted:
-        """The exception to raise once the checkpoint is written."""
-        assert self.signum is not None
-        return Interrupted(self.signum, where, self._previous.get(self.signum))
+        """The exception to raise once the checkpoint is written.
+
+        A process of a multi-process run that did not get the signal itself (another rank did) stops as if
+        it had got SIGTERM.
+        """
+        signum = self.signum if self.signum is not None else signal.SIGTERM
+        return Interrupted(signum, where, self._previous.get(signum))

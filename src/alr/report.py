@@ -1,4 +1,4 @@
-"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,table4,figure3,plots,all}``."""
+"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,table2,table4,figure3,plots,all}``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from alr.reporting.grid import expected_grid, missing_cells
 from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
 from alr.reporting.status import write_status
-from alr.reporting.tables import demo_table, table1, table4
+from alr.reporting.tables import demo_table, table1, table2, table4
 from alr.train import CONFIG_DIR
 
 
@@ -35,6 +35,15 @@ def table1_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
         print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table1 trains them)")
     print(table1(runs, out_dir / "table1.md", command=command))
     print(f"wrote {out_dir / 'table1.md'} and {out_dir / 'table1.csv'}")
+
+
+def table2_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
+    """``out_dir/table2.{md,csv}``: every cell of Table 2 (top-1 and top-5), "not run" where no run finished."""
+    runs = load_runs(runs_dir) if runs_dir.exists() else []
+    if not runs:
+        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table2 trains them)")
+    print(table2(runs, out_dir / "table2.md", command=command))
+    print(f"wrote {out_dir / 'table2.md'} and {out_dir / 'table2.csv'}")
 
 
 def table4_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
@@ -74,6 +83,7 @@ def _epochs(text: str) -> list[int]:
 REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "demo": (demo, "demo"),
     "table1": (table1_report, ""),
+    "table2": (table2_report, ""),
     "table4": (table4_report, ""),
 }
 
@@ -120,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("table1", help="Table 1 (CIFAR) beside the paper's numbers: table1.md and table1.csv")
     p.add_argument("--runs", type=Path, default=Path("runs/table1"))
     p.add_argument("--out", type=Path, default=Path("results"))
+    p = sub.add_parser(
+        "table2", help="Table 2 (ImageNet, top-1 and top-5) beside the paper's: table2.md and table2.csv"
+    )
+    p.add_argument("--runs", type=Path, default=Path("runs/table2"))
     p = sub.add_parser("table4", help="Table 4 (CIFAR-100, KD and DML) beside the paper's: table4.md and table4.csv")
     p.add_argument("--runs", type=Path, default=Path("runs/table4"))
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -140,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.runs, args.out)
     elif args.what == "table1":
         table1_report(args.runs, args.out, command)
+    elif args.what == "table2":
+        table2_report(args.runs, args.out, command)
     elif args.what == "table4":
         table4_report(args.runs, args.out, command)
     elif args.what == "figure3":

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from alr.checkpoint import write_json
 from alr.config_check import ConfigError, excluded, parse_shard, validate
+from alr.distributed import is_main
 from alr.errors import Refused, RunError
 from alr.preempt import Interrupted
 from alr.sweep import REFUSED
@@ -64,7 +65,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = fit(cfg, run_dir)
     except NonFiniteLossError as e:
-        write_json({"status": "failed", "error": str(e)}, run_dir / "result.json")
+        if is_main():  # under several processes, rank 0 writes the run folder
+            write_json({"status": "failed", "error": str(e)}, run_dir / "result.json")
         print(f"error: {run_dir}: {e}", file=sys.stderr)
         if multirun:
             return None  # the sweep goes on with the other jobs; the tables show this cell as failed

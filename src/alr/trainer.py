@@ -15,11 +15,15 @@ Reliability (docs/reliability.md):
 - The loss is checked for NaN/inf every ``log_every`` steps and at the end of every epoch, on the
   device: the first bad step and its terms are recorded without a host sync, and no checkpoint is
   ever written from an epoch with a non-finite loss.
+
+Several processes (``torchrun``, SLURM tasks; :mod:`alr.distributed`): every rank runs this same loop on
+its shard of each global batch; only rank 0 writes files, and the sums it writes are over all ranks.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import random
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 import yaml
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from tqdm.auto import tqdm
@@ -48,8 +52,10 @@ from alr.checkpoint import (
     write_json,
     write_text,
 )
+from alr.distributed import World, all_reduce_sum, setup
 from alr.errors import CheckpointError, RunError, RunFolderConflict
-from alr.loggers import build_logger
+from alr.loggers import NoLogger, build_logger
+from alr.methods.supervised import Method
 from alr.preempt import StopOnSignal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,20 +78,13 @@ RESUMABLE_CHANGES = (
     "trainer.channels_last",
     "trainer.compile",
     "dataset.data_dir",
+    "dataset.folder",
     "dataset.download",
     "dataset.download_timeout_s",
     "dataset.num_workers",
     "dataset.num_train",
     "dataset.num_test",
 )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name} but no CUDA device is visible. Use trainer.device=cpu or auto.")
-    return torch.device(name)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -120,37 +119,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, method: nn.Module, batches, limit: int | None, autocast) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, method: nn.Module, batches, limit: int | None, autocast, num_classes: int, device: torch.device
+) -> dict[str, float]:
     """Top-1 (and top-5 where K > 5) accuracy in percent, and the mean cross entropy.
 
-    A method scored by several networks (DML) gets each one's metrics as ``test/<name>/...`` and, as
-    ``test/...``, their mean.
+    Under several processes each rank evaluates its own shard and the counts are summed over ranks, so
+    every test image counts once (``limit`` caps the batches of each rank). A method scored by several
+    networks (DML) gets each one's metrics as ``test/<name>/...`` and, as ``test/...``, their mean.
     """
     model.eval()
     method.eval()
-    sums: dict[str, torch.Tensor] = {}
-    n = 0
+    names: list[str] = []
+    sums = torch.zeros(1, 3, dtype=torch.float64, device=device)  # per network: top-1, top-5 correct, loss sum
+    images = torch.zeros(1, dtype=torch.float64, device=device)
     for x, y in islice(batches.epoch(0), limit):
         with autocast():
             outputs = method.predictions(model, x)
-        for name, logits in outputs.items():
+        if not names:  # (a rank with an empty shard keeps one row: several networks are refused under DDP)
+            names, sums = list(outputs), torch.zeros(len(outputs), 3, dtype=torch.float64, device=device)
+        for i, logits in enumerate(outputs.values()):
             logits = logits.float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            batch = torch.stack(
+            top = logits.topk(min(5, num_classes), dim=1).indices
+            sums[i] += torch.stack(
                 [
-                    (top[:, 0] == y).sum().float(),
-                    (top == y[:, None]).any(dim=1).sum().float(),
+                    (top[:, 0] == y).sum(),
+                    (top == y[:, None]).any(dim=1).sum(),
                     torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
                 ]
-            )
-            sums[name] = sums[name] + batch if name in sums else batch
-        n += len(y)
+            ).double()
+        images += len(y)
+    n = int(all_reduce_sum(images).item())
     per = {
-        name: {"acc": 100.0 * float(s[0]) / n, "acc5": 100.0 * float(s[1]) / n, "loss": float(s[2]) / n}
-        for name, s in sums.items()
+        name: {"acc": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n}
+        for name, (c1, c5, loss) in zip(names or ["net"], all_reduce_sum(sums).tolist())
     }
-    keys = ("acc", "loss", "acc5") if logits.shape[1] > 5 else ("acc", "loss")
+    keys = ("acc", "loss", "acc5") if num_classes > 5 else ("acc", "loss")
     out = {f"test/{k}": sum(m[k] for m in per.values()) / len(per) for k in keys}
+    out["test/images"] = n
     if len(per) > 1:
         out.update({f"test/{name}/{k}": m[k] for name, m in per.items() for k in keys})
     return out
@@ -270,7 +276,8 @@ class _EpochTotals:
     them exactly however many steps pass before the check.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, world_size: int = 1) -> None:
+        self.world_size = world_size
         self.names: list[str] | None = None
         self.sums = self.bad_terms = torch.zeros(0, device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
@@ -281,18 +288,26 @@ class _EpochTotals:
         vec = torch.stack([out.loss.detach().float(), *(v.float() for v in out.terms.values())])
         if self.names is None:
             self.names, self.sums, self.bad_terms = ["loss", *out.terms], torch.zeros_like(vec), torch.zeros_like(vec)
-        self.sums += vec
+        self.sums += vec / self.world_size  # each rank's share of the global batch's mean: the sum over ranks
         self.correct += (out.logits.detach().argmax(dim=1) == targets).sum()
         self.seen += len(targets)
         newly_bad = (self.first_bad < 0) & ~torch.isfinite(vec[0])
         self.first_bad = torch.where(newly_bad, step, self.first_bad)
         self.bad_terms = torch.where(newly_bad, vec, self.bad_terms)
 
-    def check_finite(self, epoch: int) -> None:
-        """Raise :class:`NonFiniteLossError` naming the first bad step of ``epoch`` (0-based) and its terms."""
+    def check_finite(self, epoch: int, world: World) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first bad step of ``epoch`` (0-based) and its terms.
+
+        On every rank when any rank's loss is not finite, so that no rank waits for the others.
+        """
         step = int(self.first_bad)
-        if step < 0:
+        if not world.any(step >= 0):
             return
+        if step < 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch + 1} in another process. No checkpoint was written after it. "
+                "Lower the learning rate (under fp16, try bf16 or fp32) and rerun with trainer.resume=false."
+            )
         values = dict(zip(self.names, self.bad_terms.tolist()))
         bad = [f"{n}={v}" for n, v in values.items() if n != "loss" and not np.isfinite(v)] or [
             f"loss={values['loss']}"
@@ -303,12 +318,28 @@ class _EpochTotals:
             "(under fp16, try bf16 or fp32) and rerun with trainer.resume=false."
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("names", "sums", "bad_terms", "correct", "first_bad", "seen", "seconds")}
+    def reduced(self) -> _EpochTotals:
+        """These totals summed over the ranks (a copy; itself in a single process)."""
+        if self.world_size == 1:
+            return self
+        out = copy.copy(self)
+        out.sums, out.correct = all_reduce_sum(self.sums.clone()), all_reduce_sum(self.correct.clone())
+        out.seen = int(all_reduce_sum(torch.tensor(self.seen, device=self.sums.device)))
+        return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums over all ranks (collective: every rank calls it)."""
+        totals = self.reduced()
+        return {
+            k: getattr(totals, k) for k in ("names", "sums", "bad_terms", "correct", "first_bad", "seen", "seconds")
+        }
+
+    def load_state_dict(self, state: dict[str, Any], main: bool = True) -> None:
+        """Start from the sums of a checkpoint (rank 0) or from zeros with its term names (other ranks)."""
         for key, value in state.items():
             setattr(self, key, value)
+        if not main:
+            self.sums, self.correct, self.seen = torch.zeros_like(self.sums), torch.zeros_like(self.correct), 0
 
 
 def where(epoch: int, step: int) -> str:
@@ -317,17 +348,40 @@ def where(epoch: int, step: int) -> str:
     return f"step {step} of epoch {epoch + 1}" if step else f"epoch {epoch}"
 
 
+def _shard(cfg: DictConfig, world: World) -> dict[str, int]:
+    """The data set's ``rank``/``world_size`` arguments under several processes; refuses what cannot be split."""
+    if not world.distributed:
+        return {}
+    if cfg.trainer.batch_size % world.size:
+        raise RunError(
+            f"config key 'trainer.batch_size' is the global batch, {cfg.trainer.batch_size}, which {world.size} "
+            f"processes cannot share evenly. Set it to a multiple of {world.size}."
+        )
+    target = get_method(cfg.dataset.build._target_)
+    if "world_size" not in inspect.signature(target).parameters:
+        raise RunError(
+            f"dataset '{cfg.dataset.name}' is read by one process only. Train it without torchrun or SLURM "
+            "tasks_per_node (a multirun with GPUS=0,1,... trains several runs side by side)."
+        )
+    return {"rank": world.rank, "world_size": world.size}
+
+
 class Parts:
     """What a run trains with: its data, backbone, method, optimizer, schedule and precision.
 
     :meth:`update` is the one place a loss becomes a parameter update; a method's
     :meth:`~alr.methods.Method.train_step` calls it once (most methods) or once per network (DML in turn).
+    ``train_model`` is the backbone the training step calls: in ``DistributedDataParallel`` under several
+    processes, else ``model`` itself.
     """
 
-    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+    def __init__(self, cfg: DictConfig, world: World) -> None:
         t = cfg.trainer
-        self.device = device
-        self.data = _build(cfg.dataset.build, None, batch_size=t.batch_size, device=device, seed=cfg.seed)
+        self.device, self.world = world.device, world
+        device = world.device
+        self.data = _build(
+            cfg.dataset.build, None, batch_size=t.batch_size, device=device, seed=cfg.seed, **_shard(cfg, world)
+        )
         if self.data.num_classes != cfg.dataset.num_classes:
             raise RunError(
                 f"config key 'dataset.num_classes' is {cfg.dataset.num_classes} but the {cfg.dataset.name} data "
@@ -336,16 +390,23 @@ class Parts:
             )
         self.model = _build(cfg.model, f"model '{cfg.model_name}'").to(device)
         self.method = _build(cfg.method.module, f"method '{cfg.method.name}'").to(device)
+        if world.distributed and type(self.method).train_step is not Method.train_step:
+            raise RunError(
+                f"method '{cfg.method.name}' updates its networks in turn, which this suite does not run under "
+                "several processes. Run it in one process (without torchrun or SLURM tasks_per_node)."
+            )
         self.channels_last = bool(t.channels_last) and device.type == "cuda"
         if self.channels_last:  # 4-D weights only: the backbone and DML's peer
             self.model = self.model.to(memory_format=torch.channels_last)
             self.method = self.method.to(memory_format=torch.channels_last)
-        # Training steps only: evaluation switches to eval mode, which a compiled graph would compile again.
-        self.train_model = torch.compile(self.model) if t.compile else self.model
+        self.train_model = world.wrap(self.model)  # DDP copies rank 0's backbone to every rank
+        if t.compile:  # training steps only: evaluation's eval mode would compile a second graph
+            self.train_model = torch.compile(self.train_model)
+        world.broadcast(self.method)
+        self.method_params = [p for p in self.method.parameters() if p.requires_grad]
         groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.optim.weight_decay}]
-        extra = [p for p in self.method.parameters() if p.requires_grad]
-        if extra:  # ALR's S, DML's peer: their own group, with the method's weight decay (SPEC §1)
-            groups.append({"params": extra, "weight_decay": cfg.method.weight_decay})
+        if self.method_params:  # ALR's S, DML's peer: their own group, with the method's weight decay (SPEC §1)
+            groups.append({"params": self.method_params, "weight_decay": cfg.method.weight_decay})
         self.optimizer = instantiate(cfg.optim.optimizer)(groups)
         self.scheduler = instantiate(cfg.optim.scheduler)(self.optimizer)
         self.dtype = DTYPES[t.precision]
@@ -367,6 +428,7 @@ class Parts:
         """
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.world.average_gradients(self.method_params)  # the backbone's are averaged by DDP during backward
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -406,7 +468,9 @@ def _skip_if_finished(run_dir: Path, plain_cfg: dict[str, Any], resumable: set[s
     return None
 
 
-def _start_run_folder(run_dir: Path, plain_cfg: dict[str, Any], parts: Parts, progress: Progress) -> dict[str, int]:
+def _start_run_folder(
+    run_dir: Path, plain_cfg: dict[str, Any], parts: Parts, progress: Progress, params: dict[str, int]
+) -> None:
     """Write the config, trim ``metrics.jsonl`` to the checkpoint, the class names and a running ``result.json``."""
     ckpt_path, metrics_path = run_dir / "last.pt", run_dir / "metrics.jsonl"
     for tmp in stale_temporaries(ckpt_path):  # left by a save that was killed mid-write
@@ -415,23 +479,21 @@ def _start_run_folder(run_dir: Path, plain_cfg: dict[str, Any], parts: Parts, pr
     # Lines written after the checkpoint we resume from would otherwise appear twice.
     history = [m for m in read_metrics(metrics_path) if m["epoch"] <= progress.epoch]
     write_text("".join(json.dumps(m) + "\n" for m in history), metrics_path)
-    params = {"backbone": count_params(parts.model), "method": count_params(parts.method)}
     write_text(json.dumps(parts.data.class_names) + "\n", run_dir / "classes.json")
     write_json({"status": "running", "params": params}, run_dir / "result.json")
-    return params
 
 
 def _train_epoch(
     cfg: DictConfig, parts: Parts, progress: Progress, epoch: int, steps: int, stop: StopOnSignal, bar: tqdm, save
 ) -> _EpochTotals:
     """Train epoch ``epoch`` (0-based), from the step a mid-epoch checkpoint reached; return its running sums."""
-    t, model, method = cfg.trainer, parts.model, parts.method
+    t, model, method, world = cfg.trainer, parts.train_model, parts.method, parts.world
     model.train()
     method.train()
-    totals = _EpochTotals(parts.device)
+    totals = _EpochTotals(parts.device, world.size)
     skip = progress.step if epoch == progress.epoch else 0
-    if skip:
-        totals.load_state_dict(progress.partial)  # the method's own state came back with method.state_dict()
+    if skip:  # the method's own state came back with method.state_dict()
+        totals.load_state_dict(progress.partial, main=world.main)
     else:
         method.start_epoch()
     t0 = time.perf_counter()
@@ -439,16 +501,18 @@ def _train_epoch(
     for _ in range(skip):  # the same batches (and augmentation draws) as the interrupted run
         next(batches)
     for step, (x, y) in enumerate(batches, start=skip):
-        if parts.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = method.train_step(parts.train_model, x, y, parts.update, parts.autocast)
+        if x.dim() == 4:  # the model's memory format (DALI's batches are channels_last already)
+            x = x.contiguous(memory_format=torch.channels_last if parts.channels_last else torch.contiguous_format)
+        out = method.train_step(model, x, y, parts.update, parts.autocast)
         totals.add(step, out, y)
         bar.update(1)
-        if (step + 1) % t.log_every == 0 or step + 1 == steps:
-            totals.check_finite(epoch)
+        checkpoint = (step + 1) % t.log_every == 0 or step + 1 == steps
+        if checkpoint:
+            totals.check_finite(epoch, world)
             bar.set_postfix_str(f"epoch {epoch + 1}/{t.epochs} loss {float(totals.sums[0]) / (step + 1):.4f}")
-        if stop.signum is not None and step + 1 < steps:
-            totals.check_finite(epoch)
+        # Several processes agree on stopping at the steps where they sync anyway; one process at any step.
+        if (checkpoint or not world.distributed) and world.any(stop.signum is not None) and step + 1 < steps:
+            totals.check_finite(epoch, world)
             totals.seconds += time.perf_counter() - t0
             save(epoch, step + 1, totals)
             raise stop.interrupted(f"{where(epoch, step + 1)} (checkpoint written)")
@@ -462,10 +526,13 @@ def _train_epoch(
 def _record(cfg: DictConfig, parts: Parts, epoch: int, steps: int, lr: float, totals: _EpochTotals) -> dict[str, Any]:
     """Epoch ``epoch``'s line of ``metrics.jsonl``: the training terms and accuracy, then the test metrics."""
     t0 = time.perf_counter()
+    totals = totals.reduced()
     record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
     record.update({f"train/{k}": float(v) / steps for k, v in zip(totals.names, totals.sums)})
     record["train/acc"] = 100.0 * float(totals.correct) / totals.seen
-    record.update(evaluate(parts.model, parts.method, parts.data.test, cfg.trainer.limit_test_batches, parts.autocast))
+    parts.world.broadcast_buffers(parts.model)  # one set of BN statistics (rank 0's, as DDP's next forward would)
+    limit, k = cfg.trainer.limit_test_batches, parts.data.num_classes
+    record.update(evaluate(parts.model, parts.method, parts.data.test, limit, parts.autocast, k, parts.device))
     record["seconds"] = totals.seconds + time.perf_counter() - t0
     record["train/images_per_s"] = totals.seen / totals.seconds
     return record
@@ -511,6 +578,7 @@ def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str,
         "method": cfg.method.name,
         "seed": cfg.seed,
         "precision": cfg.trainer.precision,
+        "processes": parts.world.size,
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "alr_version": alr.__version__,
@@ -526,23 +594,29 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return done
 
     # --- set-up: nothing is written until everything that can refuse the run has been checked ---
+    world = setup(str(t.device))
     seed_everything(cfg.seed, t.deterministic)
-    parts = Parts(cfg, pick_device(str(t.device)))
+    parts = Parts(cfg, world)
     progress = Progress()
     if t.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=parts.device)
         parts.load_state_dict(ckpt, ckpt_path)
         set_rng_state(ckpt["rng"])
         progress = Progress(ckpt)
-        print(f"[alr] resuming {run_dir} after {where(progress.epoch, progress.step)}")
+        if world.main:  # the global batch is the same (a config key), so another process count trains the same steps
+            before = ckpt.get("world_size", 1)
+            moved = f", on {world.size} processes instead of {before}" if before != world.size else ""
+            print(f"[alr] resuming {run_dir} after {where(progress.epoch, progress.step)}{moved}")
 
-    # --- the run folder: from here on files are written ---
-    params = _start_run_folder(run_dir, plain_cfg, parts, progress)
-    logger = build_logger(plain_cfg, run_dir)
+    # --- the run folder: from here on files are written, by rank 0 only ---
+    params = {"backbone": count_params(parts.model), "method": count_params(parts.method)}
+    if world.main:
+        _start_run_folder(run_dir, plain_cfg, parts, progress, params)
+    logger = build_logger(plain_cfg, run_dir) if world.main else NoLogger()
     steps = min(len(parts.data.train), t.limit_train_batches or len(parts.data.train))
     bar = tqdm(
         total=(t.epochs - progress.epoch) * steps - progress.step,
-        disable=not t.progress,
+        disable=not (t.progress and world.main),
         desc=cfg.run_name,
         unit="step",
         dynamic_ncols=True,
@@ -552,7 +626,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         """``last.pt`` after ``epoch`` whole epochs and ``step`` steps of the next one."""
         state = {**parts.state_dict(), **progress.state_dict(), "epoch": epoch, "step": step}
         state.update(partial=totals.state_dict() if totals else None, rng=rng_state(), config=plain_cfg)
-        save_checkpoint({**state, "alr_version": alr.__version__}, ckpt_path)
+        if world.main:
+            save_checkpoint({**state, "alr_version": alr.__version__, "world_size": world.size}, ckpt_path)
+        world.barrier()  # no process exits (and makes torchrun stop the others) before last.pt is written
 
     exit_code = 1
     try:
@@ -564,12 +640,13 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 progress.elapsed += record["seconds"]
                 if record["test/acc"] > progress.best[0]:
                     progress.best = (record["test/acc"], epoch + 1)
-                _write_epoch(run_dir, cfg, parts, record, logger)
+                if world.main:
+                    _write_epoch(run_dir, cfg, parts, record, logger)
                 save(epoch + 1, 0, None)
                 bar.set_postfix_str(
                     f"epoch {epoch + 1}/{t.epochs} loss {record['train/loss']:.4f} test {record['test/acc']:.2f}%"
                 )
-                if stop.signum is not None and epoch + 1 < t.epochs:
+                if world.any(stop.signum is not None) and epoch + 1 < t.epochs:
                     raise stop.interrupted(f"{where(epoch + 1, 0)} (checkpoint written)")
         exit_code = 0
     finally:
@@ -577,5 +654,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
     result = _result(cfg, parts, progress, params, run_dir)
-    write_json(result, run_dir / "result.json")
+    if world.distributed:  # DDP and the method's averaged gradients keep every rank's copy equal: check it
+        result["identical_on_all_ranks"] = world.identical(parts.model, parts.method)
+    if world.main:
+        write_json(result, run_dir / "result.json")
     return result

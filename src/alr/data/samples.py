@@ -3,9 +3,11 @@
 A smoke run (``make reproduce-table1 SMOKE=1``) must read its data through the real loaders, so these
 writers produce byte-for-byte the layouts the loaders expect, filled with real images that ship with
 scikit-learn (nothing is downloaded): each 8×8 digit is scaled up to 32×32 and repeated over three
-channels. The digit is the label, so CIFAR-100's files use classes 0–9 of its 100.
+channels. The digit is the label, so CIFAR-100's files use classes 0–9 of its 100. ImageNet gets an
+ImageFolder tree of JPEG files, ten class folders named like WordNet ids (``n00000000``…``n00000009``),
+the digits scaled up to 64×80 (run it with ``dataset.num_classes=10``).
 
-    python -m alr.data.samples --out runs/smoke/data cifar10 cifar100
+    python -m alr.data.samples --out runs/smoke/data cifar10 cifar100 imagenet
 """
 
 from __future__ import annotations
@@ -70,7 +72,31 @@ def write_cifar(root: str | Path, name: str, n_train: int = 200, n_test: int = 5
     return folder
 
 
-WRITERS = {"cifar10": write_cifar, "cifar100": write_cifar}
+def write_imagenet(
+    root: str | Path, name: str = "imagenet", n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> Path:
+    """Write an ImageFolder tree ``root/imagenet/{train,val}/<wnid>/*.JPEG`` of digits; return its folder.
+
+    Images are 64 high and 80 wide (not square, so resizing and cropping do something), saved as JPEG.
+    """
+    from PIL import Image
+
+    folder = Path(root) / name
+    x, y = digit_images(n_train + n_test, size=80, seed=seed)
+    # Validation takes the classes in turn from each one's second image on, so that both splits hold every
+    # class folder (given n_test >= 10 and two images of each class).
+    rank_in_class = np.array([(y[:i] == label).sum() for i, label in enumerate(y)])
+    is_val = np.zeros(len(y), dtype=bool)
+    is_val[np.lexsort((y, rank_in_class, rank_in_class == 0))[:n_test]] = True
+    for i, (image, label) in enumerate(zip(x, y)):
+        split = "val" if is_val[i] else "train"
+        path = folder / split / f"n{label:08d}" / f"{split}_{i:05d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.transpose(1, 2, 0)[8:72]).save(path, quality=90)
+    return folder
+
+
+WRITERS = {"cifar10": write_cifar, "cifar100": write_cifar, "imagenet": write_imagenet}
 
 
 def main(argv: list[str] | None = None) -> None:

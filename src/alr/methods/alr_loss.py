@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from alr import distributed
+
 
 def residual_index(targets: Tensor, num_classes: int) -> Tensor:
     """Column indices of each row's non-target classes, in class order: shape ``B×(K−1)``.
@@ -122,7 +124,8 @@ class ALRLoss(nn.Module):
     * **acc_train** (the weight of §3.2, "approximately" ``1 − acc_train``): the running top-1
       accuracy of this epoch's training batches *including the current one*, from the same logits,
       reset by :meth:`reset_epoch`. ``acc_source="batch"`` uses the current batch alone. The
-      counters are device tensors, so no host synchronisation happens per step.
+      counters are device tensors, so no host synchronisation happens per step. Under several
+      processes the counts are summed over them (the global batch), so ``w`` is the same on every rank.
     * **Precision.** All of the loss is computed in float32 with autocast disabled, whatever the
       logits' dtype, so fp16/bf16 training cannot overflow inside the softmaxes.
     * ``S`` is trained by the run's own optimizer and schedule (its own parameter group; the
@@ -183,11 +186,14 @@ class ALRLoss(nn.Module):
             with torch.no_grad():
                 # max's indices are argmax's (the first maximum), at a third of argmax's cost on CPU
                 correct = (z.max(dim=1).indices == targets).sum()
+                seen = targets.numel()
+                if distributed.initialized():  # the global batch's counts: w is the same on every rank
+                    correct, seen = distributed.all_reduce_sum(torch.stack([correct, correct.new_tensor(seen)]))
                 if self.acc_source == "batch":
                     self.correct.zero_()
                     self.seen.zero_()
                 self.correct += correct
-                self.seen += targets.numel()
+                self.seen += seen
                 w = 1.0 - self.acc_train
             K = self.num_classes
             scale = (1.0 / K, 1.0 / (K - 1), 1.0 / (K - 1)) if self.class_mean else (1.0, 1.0, 1.0)

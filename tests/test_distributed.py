@@ -1,0 +1,103 @@
+"""Several processes: a 2-process torchrun (gloo, CPU) run on a tiny ImageNet tree, stopped and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from faults import faulty
+from test_imagenet import write_tree
+
+# A small CNN keeps the two processes' start-up (imports) the main cost; the model does not matter here.
+OVERRIDES = [
+    "dataset=imagenet",
+    "dataset.num_classes=3",
+    "dataset.image_size=32",
+    "dataset.resize_size=36",
+    "dataset.num_workers=1",
+    "dataset.build.eval_batch_size=2",
+    "model=digits_cnn",
+    "+model.in_channels=3",
+    "model.width=8",
+    "method=alr",
+    *faulty("alr.ALRLoss"),
+    "debug=fast",
+    "trainer.limit_train_batches=null",
+    "trainer.limit_test_batches=null",
+    "trainer.batch_size=4",
+    "trainer.log_every=1",
+]
+
+
+def torchrun(out: Path, data: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alr.train"]
+    cmd += [f"paths.output_dir={out}", f"dataset.data_dir={data}", *OVERRIDES]
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_agree_count_validation_once_and_resume_bit_identically(tmp_path: Path):
+    data = tmp_path / "data"
+    write_tree(data / "imagenet", train_per_class=4, val_per_class=3)  # 12 images: 3 global batches of 4
+
+    full = torchrun(tmp_path / "full", data)
+    assert full.returncode == 0, full.stdout + full.stderr
+    run = tmp_path / "full" / "default" / "imagenet-digits_cnn-alr-s0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["processes"] == 2 and result["identical_on_all_ranks"] is True  # backbone and S on both ranks
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["test/images"] for m in metrics] == [9, 9]  # 5 + 4 images, each counted once
+    assert [m["epoch"] for m in metrics] == [1, 2]  # one process wrote
+    assert sorted(p.name for p in run.glob("*.pt")) == ["last.pt"]
+
+    # One process gets SIGTERM in epoch 1's second step: both stop after it, last.pt is written once, both exit.
+    env = {"ALR_FAULT": "term@1:1", "ALR_FAULT_ONCE": str(tmp_path / "fired")}
+    stopped = torchrun(tmp_path / "resumed", data, env)
+    assert stopped.returncode != 0 and (tmp_path / "fired").exists()
+    assert stopped.stderr.count("stopped by SIGTERM after step 2 of epoch 1 (checkpoint written)") == 2
+    again = torchrun(tmp_path / "resumed", data)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming" in again.stdout and "after step 2 of epoch 1" in again.stdout
+
+    a = torch.load(run / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "default" / run.name / "last.pt", weights_only=False)
+    for part in ("model", "method"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "default" / run.name / "metrics.jsonl").open()]
+    assert resumed == [
+        {**m, "seconds": r["seconds"], "train/images_per_s": r["train/images_per_s"]} for m, r in zip(metrics, resumed)
+    ]
+
+
+def test_a_slurm_task_started_by_submitit_finds_its_rank_and_the_master(monkeypatch):
+    """`hydra/launcher=slurm` with tasks_per_node=N: submitit's environment becomes torch's (env://)."""
+    from alr.distributed import _export_slurm_environment
+
+    torch_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    # A copy of the environment, so that what the export writes does not reach the other tests of this process.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in torch_keys})
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NTASKS": "16",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NODEID": "1",
+    }
+    os.environ.update(slurm)
+    _export_slurm_environment()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) >= 20000
