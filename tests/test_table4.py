@@ -268,3 +268,14 @@ def test_make_reproduce_table4_trains_the_teachers_first():
     sharded = dry("GPUS=0,1")
     assert "model=wrn28_10 method=baseline shard=$i/$n" in sharded[0] and "shard=$i/$n" in sharded[1]
     assert "wait $p" in sharded[0]  # every shard of the teachers ends before the grid's sweep starts
+
+
+def test_only_dml_in_turn_says_it_updates_in_turn():
+    """The trainer refuses a method that updates its networks in turn under several processes (DDP)."""
+    from torch import nn
+
+    from alr.methods import CrossEntropy, DeepMutualLearning, Supervised
+
+    assert DeepMutualLearning(nn.Linear(2, 2), update="alternate").updates_in_turn
+    assert not DeepMutualLearning(nn.Linear(2, 2), update="simultaneous").updates_in_turn
+    assert not Supervised(CrossEntropy()).updates_in_turn

@@ -1,4 +1,4 @@
-"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,table2,table4,figure3,plots,all}``."""
+"""Tables and figures from run folders: ``python -m alr.report {demo,table1,table2,table4,figure3,plots,all}``."""
 
 from __future__ import annotations
 

@@ -55,7 +55,6 @@ from alr.checkpoint import (
 from alr.distributed import World, all_reduce_sum, setup
 from alr.errors import CheckpointError, RunError, RunFolderConflict
 from alr.loggers import NoLogger, build_logger
-from alr.methods.supervised import Method
 from alr.preempt import StopOnSignal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -390,7 +389,7 @@ class Parts:
             )
         self.model = _build(cfg.model, f"model '{cfg.model_name}'").to(device)
         self.method = _build(cfg.method.module, f"method '{cfg.method.name}'").to(device)
-        if world.distributed and type(self.method).train_step is not Method.train_step:
+        if world.distributed and self.method.updates_in_turn:
             raise RunError(
                 f"method '{cfg.method.name}' updates its networks in turn, which this suite does not run under "
                 "several processes. Run it in one process (without torchrun or SLURM tasks_per_node)."

@@ -171,6 +171,7 @@ class DeepMutualLearning(Method):
         if update not in self.UPDATES:
             raise ValueError(f"config key 'method.update': unknown {update!r}; use alternate or simultaneous")
         self.peer, self.update = peer, update
+        self.updates_in_turn = update == "alternate"
 
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         logits = model(inputs)

@@ -51,6 +51,10 @@ class Method(nn.Module):
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         raise NotImplementedError
 
+    #: True for a method whose ``train_step`` updates its networks one after the other (DML in turn):
+    #: the suite runs such a method in one process only.
+    updates_in_turn: bool = False
+
     def train_step(
         self,
         model: nn.Module,
