@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from alr.distributed import World
 from alr.methods.distill import DeepMutualLearning
 from alr.preempt import Interrupted
 from alr.reporting.grid import expected_grid
@@ -68,7 +69,12 @@ def _suite_steps(update: str, batches) -> tuple[nn.Module, nn.Module]:
     """DML as the trainer runs it: one optimizer with a group per network, and the trainer's ``update``."""
     model, method = _tiny(0), DeepMutualLearning(_tiny(1), update=update)
     optimizer = _sgd([{"params": list(model.parameters())}, {"params": list(method.parameters())}])
-    parts = SimpleNamespace(optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False))
+    parts = SimpleNamespace(
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        world=World(torch.device("cpu")),  # one process: nothing to average
+        method_params=list(method.parameters()),
+    )
     for x, y in batches:
         method.train_step(model, x, y, lambda loss: Parts.update(parts, loss), nullcontext)
     return model, method.peer
