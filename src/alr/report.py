@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "table2", help="Table 2 (ImageNet, top-1 and top-5) beside the paper's: table2.md and table2.csv"
     )
     p.add_argument("--runs", type=Path, default=Path("runs/table2"))
+    p.add_argument("--out", type=Path, default=Path("results"))
     p = sub.add_parser("table4", help="Table 4 (CIFAR-100, KD and DML) beside the paper's: table4.md and table4.csv")
     p.add_argument("--runs", type=Path, default=Path("runs/table4"))
     p.add_argument("--out", type=Path, default=Path("results"))
