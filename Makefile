@@ -9,7 +9,7 @@ GPUS   ?=
 ARGS   ?=
 comma  := ,
 
-.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 figure3
+.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 reproduce-table3 figure3
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -88,6 +88,13 @@ ifeq ($(SMOKE),1)
 endif
 	$(call sweep,table1)
 	$(PY) -m alr.report table1 --runs $(GRID_RUNS)/table1 --out $(GRID_OUT)
+
+reproduce-table3: $(STAMP) ## Table 3: 30 text runs, then results/table3.md (SMOKE=1: on the CPU in minutes; GPUS=0,1,..)
+ifeq ($(SMOKE),1)
+	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data ag_news yahoo_answers yelp_full
+endif
+	$(call sweep,table3)
+	$(PY) -m alr.report table3 --runs $(GRID_RUNS)/table3 --out $(GRID_OUT)
 
 FIG3_RUN    ?= $(GRID_RUNS)/table1/cifar10-preact_resnet18-alr-s0
 FIG3_EPOCHS ?=

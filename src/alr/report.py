@@ -1,4 +1,4 @@
-"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,figure3,plots,all}``."""
+"""Generate tables and figures from run folders: ``python -m alr.report {demo,table1,table3,figure3,plots,all}``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from alr.reporting.figures import residual_label_panels
 from alr.reporting.grid import expected_grid, missing_cells
 from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
-from alr.reporting.tables import demo_table, table1
+from alr.reporting.tables import demo_table, table1, table3
 from alr.train import CONFIG_DIR
 
 
@@ -34,6 +34,15 @@ def table1_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
         print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table1 trains them)")
     print(table1(runs, out_dir / "table1.md", command=command))
     print(f"wrote {out_dir / 'table1.md'} and {out_dir / 'table1.csv'}")
+
+
+def table3_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
+    """``out_dir/table3.{md,csv}``: every cell of Table 3, "not run" where no run finished."""
+    runs = load_runs(runs_dir) if runs_dir.exists() else []
+    if not runs:
+        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table3 trains them)")
+    print(table3(runs, out_dir / "table3.md", command=command))
+    print(f"wrote {out_dir / 'table3.md'} and {out_dir / 'table3.csv'}")
 
 
 def figure3(run_dir: Path, epochs: list[int] | None, panels: int, out: Path) -> None:
@@ -61,7 +70,11 @@ def _epochs(text: str) -> list[int]:
 
 # Experiment name (configs/experiment/<name>.yaml) -> builder(runs_dir, out_dir) of its tables and figures, and
 # the folder under results/ it writes into. `all` calls each builder whose runs/<name>/ holds run folders.
-REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {"demo": (demo, "demo"), "table1": (table1_report, "")}
+REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
+    "demo": (demo, "demo"),
+    "table1": (table1_report, ""),
+    "table3": (table3_report, ""),
+}
 
 
 def plots(runs_dir: Path, out_dir: Path) -> None:
@@ -104,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("table1", help="Table 1 (CIFAR) beside the paper's numbers: table1.md and table1.csv")
     p.add_argument("--runs", type=Path, default=Path("runs/table1"))
     p.add_argument("--out", type=Path, default=Path("results"))
+    p = sub.add_parser("table3", help="Table 3 (text) beside the paper's numbers: table3.md and table3.csv")
+    p.add_argument("--runs", type=Path, default=Path("runs/table3"))
+    p.add_argument("--out", type=Path, default=Path("results"))
     p = sub.add_parser("figure3", help="Figure 3: one ALR run's residual labels at several epochs")
     p.add_argument("--run", type=Path, default=Path("runs/table1/cifar10-preact_resnet18-alr-s0"))
     p.add_argument("--epochs", type=_epochs, default=None, help="e.g. 1,60,160,300 (default: spread over the run)")
@@ -121,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.runs, args.out)
     elif args.what == "table1":
         table1_report(args.runs, args.out, command)
+    elif args.what == "table3":
+        table3_report(args.runs, args.out, command)
     elif args.what == "figure3":
         figure3(args.run, args.epochs, args.panels, args.out)
     elif args.what == "plots":

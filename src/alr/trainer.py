@@ -72,6 +72,7 @@ RESUMABLE_CHANGES = (
     "dataset.data_dir",
     "dataset.download",
     "dataset.num_workers",
+    "dataset.cache_dir",
 )
 
 
@@ -334,7 +335,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     params = {"backbone": count_params(model), "method": count_params(method)}
     write_text(json.dumps(data.class_names) + "\n", run_dir / "classes.json")
     logger = build_logger(plain_cfg, run_dir)
-    write_json({"status": "running", "params": params}, result_path)
+    write_json({"status": "running", "params": params, "data": data.info}, result_path)
     steps = min(len(data.train), t.limit_train_batches or len(data.train))
     bar = tqdm(
         total=(t.epochs - start_epoch) * steps - start_step,
@@ -449,6 +450,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "best_epoch": best[1],
         "epochs": t.epochs,
         "params": params,
+        "data": data.info,
         "wall_time_s": elapsed,
         "experiment": cfg.experiment_name,
         "dataset": cfg.dataset.name,
