@@ -98,7 +98,7 @@ def text_rows(name: str, n: int, seed: int = 0) -> list[list[str]]:
 
 
 def write_text_csv(root: str | Path, name: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
-    """Write ``name``'s ``train.csv``, ``test.csv`` (and ``classes.txt`` where the release has one); return the folder."""
+    """Write ``name``'s ``train.csv``, ``test.csv`` and, where the release has one, ``classes.txt``."""
     release = RELEASES[name]
     folder = Path(root) / release.folder
     folder.mkdir(parents=True, exist_ok=True)
