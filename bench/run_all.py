@@ -22,6 +22,7 @@ from pathlib import Path
 import bench_cifar_pipeline
 import bench_gpu
 import bench_loss
+import bench_text
 import bench_train
 import benchutil
 import torch
@@ -37,6 +38,7 @@ BENCHES = [
         ["--n", "20000", "--repeats", "3"],
     ),
     ("5. GPU throughput and the compute floor", "bench_gpu.py", bench_gpu.main, []),
+    ("6. Text (Table 3): loader rows/s and training samples/s per model", "bench_text.py", bench_text.main, []),
 ]
 SECTIONS = [title for title, *_ in BENCHES]
 

@@ -26,7 +26,8 @@ def test_bench_driver_writes_every_section(tmp_path):
         assert f"\n### {title}\n" in report
     for fact in ("| CPU |", "| torch |", "| device |", "--quick"):
         assert fact in report
-    for figure in ("ALRLoss/CE", "trainer / bare loop", "alr_s / baseline", "gpu / torchvision", "GFLOPs per image"):
+    figures = ("ALRLoss/CE", "trainer / bare loop", "alr_s / baseline", "gpu / torchvision", "GFLOPs per image")
+    for figure in (*figures, "cached load", "samples/s"):
         assert figure in report
     assert "### Targets" in report
     assert report.count("\ntarget ") == 5  # items 1 (three targets), 2 and 3 each say whether they hold
