@@ -136,6 +136,20 @@ def test_a_half_written_cache_is_never_read(tmp_path: Path, monkeypatch):
     assert built["x_train"].shape == (20, 1014) and built["class_names"][0] == "1 star"
 
 
+def test_a_csv_of_your_own(tmp_path: Path):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.csv").write_text('"3","good, very good","!"\n"1","bad","."\n"2","so-so","?"\n')
+    (folder / "test.csv").write_text('"3","good, fine","x"\n')
+    data = text.load_encoded("text_csv", tmp_path, tmp_path / "c", folder="reviews", text_columns=2, num_classes=3)
+    assert data["y_train"].tolist() == [2, 0, 1] and data["class_names"] == ["class 1", "class 2", "class 3"]
+    assert data["num_classes"] == 3 and data["x_test"][0, :2].tolist() == data["x_train"][0, :2].tolist()
+    with pytest.raises(ConfigError) as err:
+        validate(compose("dataset=text_csv", "model=fasttext", "dataset.num_classes=3"))
+    assert err.value.key == "dataset.folder"
+    validate(compose("dataset=text_csv", "model=fasttext", "dataset.num_classes=3", "dataset.folder=reviews"))
+
+
 def test_hub_source_reads_the_same_columns(tmp_path: Path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     features = datasets.Features(

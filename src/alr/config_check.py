@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alr import CONFIG_VERSION
 
@@ -26,6 +26,9 @@ def _positive_int(value: Any) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first value that cannot work."""
+    for key in cfg.dataset:
+        if OmegaConf.is_missing(cfg.dataset, key):
+            raise ConfigError(f"dataset.{key}", "has no value", f"Set dataset.{key}=... (see configs/dataset/).")
     t = cfg.trainer
     for key in ("epochs", "batch_size"):
         if not _positive_int(t[key]):

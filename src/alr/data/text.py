@@ -99,18 +99,29 @@ RELEASES = {
 }
 
 
-def _release(name: str) -> Release:
-    if name not in RELEASES:
-        raise ValueError(f"unknown text data set {name!r}; choose one of {sorted(RELEASES)}")
-    return RELEASES[name]
+def release_of(
+    name: str, folder: str | None = None, text_columns: int | None = None, num_classes: int | None = None
+) -> Release:
+    """One of :data:`RELEASES`, or a CSV of your own in their layout (``folder``, ``text_columns``, ``num_classes``)."""
+    if folder is None and name in RELEASES:
+        return RELEASES[name]
+    if folder is None or text_columns is None or num_classes is None:
+        raise RunError(
+            f"dataset {name!r} is none of {', '.join(RELEASES)}: for a CSV of your own use dataset=text_csv and set "
+            "dataset.folder, dataset.text_columns and dataset.num_classes (docs/table3-text.md)."
+        )
+    names = tuple(f"class {k}" for k in range(1, num_classes + 1))
+    return Release(folder, text_columns, num_classes, names, hub="", hub_text=(), hub_label="")
 
 
-def how_to_get(name: str, data_dir: Path) -> str:
-    folder = data_dir / RELEASES[name].folder
+def how_to_get(release: Release, data_dir: Path) -> str:
+    folder = data_dir / release.folder
+    if not release.hub:
+        return f"Put train.csv and test.csv into {folder}, or point dataset.data_dir=... at the folder that holds it."
     return (
-        f"Unpack Zhang et al.'s {RELEASES[name].folder}.tar.gz so that {folder}/train.csv exists ({URL}), or point "
-        f"dataset.data_dir=... at the folder that holds {RELEASES[name].folder}/, or let Hugging Face datasets "
-        f"download {RELEASES[name].hub} with dataset.source=hub."
+        f"Unpack Zhang et al.'s {release.folder}.tar.gz so that {folder}/train.csv exists ({URL}), or point "
+        f"dataset.data_dir=... at the folder that holds {release.folder}/, or let Hugging Face datasets "
+        f"download {release.hub} with dataset.source=hub."
     )
 
 
@@ -281,17 +292,25 @@ def load_encoded(
     char_length: int = 1014,
     skip_bad_rows: bool = False,
     progress: bool = True,
+    folder: str | None = None,
+    text_columns: int | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """The encoded splits ``x_train, y_train, x_test, y_test`` (tensors), ``class_names`` and ``info``.
 
     Read from the cache when one matches the source files and every setting; built and cached otherwise.
+    ``folder``, ``text_columns``, ``num_classes``: a CSV of your own in the release's layout (:func:`release_of`).
     """
-    release, data_dir = _release(name), Path(data_dir)
-    if source not in ("csv", "hub"):
-        raise RunError(f"config key 'dataset.source' is {source!r}: use csv (the release under data_dir) or hub.")
+    release, data_dir = release_of(name, folder, text_columns, num_classes), Path(data_dir)
+    if source not in ("csv", "hub") or (source == "hub" and not release.hub):
+        raise RunError(
+            f"config key 'dataset.source' is {source!r}: use csv (the files under data_dir)"
+            + (" or hub." if release.hub else "; hub serves only " + ", ".join(RELEASES) + ".")
+        )
     if encoding not in ("word", "char"):
         raise RunError(f"config key 'dataset.encoding' is {encoding!r}: use word or char (model=charcnn sets it).")
     settings: dict[str, Any] = {"format": CACHE_FORMAT, "name": name, "source": source, "encoding": encoding}
+    settings["layout"] = [release.folder, release.text_columns, release.num_classes]
     settings.update(
         {"max_len": max_len, "vocab_size": vocab_size, "min_count": min_count}
         if encoding == "word"
@@ -304,7 +323,7 @@ def load_encoded(
     if source == "csv":
         missing = [p for p in files.values() if not p.is_file()]
         if missing:
-            raise RunError(f"{name}: no file {missing[0]}. {how_to_get(name, data_dir)}")
+            raise RunError(f"{name}: no file {missing[0]}. {how_to_get(release, data_dir)}")
         stamps = {p.name: _file_stamp(p) for p in [*files.values(), folder / "classes.txt"] if p.is_file()}
         settings["files"] = {"folder": str(folder.resolve()), **stamps}
         hub_data = None
@@ -337,7 +356,7 @@ def load_encoded(
         encode = lambda texts: encode_words(texts, vocab, max_len, progress)  # noqa: E731
     else:
         encode = lambda texts: encode_chars(texts, char_length, progress)  # noqa: E731
-    out: dict[str, Any] = {"settings": settings, "class_names": class_names}
+    out: dict[str, Any] = {"settings": settings, "class_names": class_names, "num_classes": release.num_classes}
     for split, (texts, labels) in splits.items():
         out[f"x_{split}"] = torch.from_numpy(encode(texts))
         out[f"y_{split}"] = torch.tensor(labels, dtype=torch.int64)
@@ -369,7 +388,7 @@ def build(
             data["x_train"].to(device), data["y_train"].to(device), batch_size, shuffle=True, seed=seed
         ),
         test=TensorBatches(data["x_test"].to(device), data["y_test"].to(device), eval_batch_size, shuffle=False),
-        num_classes=RELEASES[name].num_classes,
+        num_classes=data["num_classes"],
         class_names=data["class_names"],
         info=data["info"],
     )
