@@ -222,6 +222,21 @@ def test_padding_never_changes_the_output_and_parameter_counts_are_exact(name: s
         assert torch.allclose(model(x[:1, :5]), out[:1], atol=1e-5)
 
 
+def test_a_text_run_resumes_from_another_data_folder_or_cache_but_not_other_settings():
+    from alr.trainer import config_differences
+
+    def plain(*overrides: str) -> dict:
+        return OmegaConf.to_container(compose("dataset=ag_news", "model=fasttext", *overrides), resolve=True)
+
+    saved = plain()
+    moved = plain("dataset.data_dir=/elsewhere", "dataset.cache_dir=/tmp/c", "trainer.progress=false")
+    assert config_differences(saved, moved) == []
+    assert config_differences(saved, plain("dataset.max_len=64")) == [
+        "dataset.build.max_len (32 -> 64)",
+        "dataset.max_len (32 -> 64)",
+    ]
+
+
 def test_text_configs_compose_and_refuse_mismatches():
     cfg = compose("experiment=table3")
     OmegaConf.resolve(cfg)

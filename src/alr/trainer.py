@@ -73,6 +73,12 @@ RESUMABLE_CHANGES = (
     "dataset.download",
     "dataset.num_workers",
     "dataset.cache_dir",
+    # the same keys as the data set's build node interpolates them (and the progress bar it shows)
+    "dataset.build.data_dir",
+    "dataset.build.download",
+    "dataset.build.num_workers",
+    "dataset.build.cache_dir",
+    "dataset.build.progress",
 )
 
 

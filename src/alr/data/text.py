@@ -210,18 +210,21 @@ def read_classes(folder: Path, release: Release) -> list[str]:
     return names
 
 
-def _read_hub(release: Release, bad: dict[str, BadRows]) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
-    """Both splits from the Hugging Face hub (or its local cache), checked like the CSV rows."""
+def _load_hub(release: Release) -> Any:
+    """Both splits from the Hugging Face hub (or its local cache), as ``datasets`` objects."""
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(release.hub)
+        return load_dataset(release.hub)
     except Exception as e:  # network, authentication, a missing package: all say the same thing to the user
         raise RunError(
             f"could not load {release.hub} with Hugging Face datasets ({type(e).__name__}: {e}). Check the network "
             "(or HF_HUB_OFFLINE and the datasets cache), or use the CSV release with dataset.source=csv."
         ) from e
-    names = list(ds["train"].features[release.hub_label].names)
+
+
+def _hub_rows(ds: Any, release: Release, bad: dict[str, BadRows]) -> dict[str, tuple[list[str], list[int]]]:
+    """Texts and labels of both hub splits, joined and checked like the CSV rows."""
     splits = {}
     for split in ("train", "test"):
         texts, labels = [], []
@@ -238,7 +241,7 @@ def _read_hub(release: Release, bad: dict[str, BadRows]) -> tuple[dict[str, tupl
             texts.append(text)
             labels.append(label)
         splits[split] = (texts, labels)
-    return splits, names
+    return splits
 
 
 def build_vocab(texts: list[str], size: int, min_count: int, progress: bool = True) -> dict[str, int]:
@@ -326,10 +329,10 @@ def load_encoded(
             raise RunError(f"{name}: no file {missing[0]}. {how_to_get(release, data_dir)}")
         stamps = {p.name: _file_stamp(p) for p in [*files.values(), folder / "classes.txt"] if p.is_file()}
         settings["files"] = {"folder": str(folder.resolve()), **stamps}
-        hub_data = None
+        hub = None
     else:
-        hub_data = _read_hub(release, bad)
-        settings["files"] = {"hub": release.hub}  # the hub's own version is pinned by its cache
+        hub = _load_hub(release)
+        settings["files"] = {"hub": release.hub, **{s: hub[s]._fingerprint for s in files}}  # the version read
 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"{name}-{encoding}-{key}.pt"
@@ -341,11 +344,11 @@ def load_encoded(
         except Exception as e:  # only a rename ever creates this name, but the disk may have been damaged since
             print(f"[alr] {cache} is unreadable ({type(e).__name__}); building it again", file=sys.stderr)
 
-    if hub_data is None:
+    if hub is None:
         splits = {s: read_csv(p, release.text_columns, release.num_classes, bad[s]) for s, p in files.items()}
         class_names = read_classes(folder, release)
     else:
-        splits, class_names = hub_data
+        splits, class_names = _hub_rows(hub, release, bad), list(hub["train"].features[release.hub_label].names)
     for split, (texts, _) in splits.items():
         if not texts:
             raise RunError(f"{name}: the {split} split has no usable rows ({bad[split].total} skipped).")
