@@ -54,7 +54,7 @@ from alr.checkpoint import save_checkpoint
 from alr.data.batches import DataBundle, TensorBatches
 from alr.errors import RunError
 
-URL = "https://github.com/zhangxiangxiao/Crepe#issues (the data sets are linked from Zhang et al. 2015, NeurIPS)"
+URL = "https://github.com/zhangxiangxiao/Crepe"  # Zhang et al.'s code, whose README links the CSV archives
 PAD, UNK = 0, 1
 SPECIALS = ("<pad>", "<unk>")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-,;.!?:'\"/\\|_@#$%^&*~`+-=<>()[]{}\n"
@@ -119,7 +119,7 @@ def how_to_get(release: Release, data_dir: Path) -> str:
     if not release.hub:
         return f"Put train.csv and test.csv into {folder}, or point dataset.data_dir=... at the folder that holds it."
     return (
-        f"Unpack Zhang et al.'s {release.folder}.tar.gz so that {folder}/train.csv exists ({URL}), or point "
+        f"Unpack Zhang et al.'s {release.folder}.tar.gz so that {folder}/train.csv exists (the archives are linked from {URL}), or point "
         f"dataset.data_dir=... at the folder that holds {release.folder}/, or let Hugging Face datasets "
         f"download {release.hub} with dataset.source=hub."
     )
@@ -174,6 +174,8 @@ def read_csv(path: Path, text_columns: int, num_classes: int, bad: BadRows) -> t
                 break
             except csv.Error as e:
                 bad(where, f"not a CSV row: {e}")
+                continue
+            if not row:  # a blank line holds no row
                 continue
             if undecodable and undecodable[-1] >= first:
                 bad(where, f"invalid UTF-8: line {undecodable[-1]} is not UTF-8 text")
