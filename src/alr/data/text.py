@@ -119,9 +119,9 @@ def how_to_get(release: Release, data_dir: Path) -> str:
     if not release.hub:
         return f"Put train.csv and test.csv into {folder}, or point dataset.data_dir=... at the folder that holds it."
     return (
-        f"Unpack Zhang et al.'s {release.folder}.tar.gz so that {folder}/train.csv exists (the archives are linked from {URL}), or point "
-        f"dataset.data_dir=... at the folder that holds {release.folder}/, or let Hugging Face datasets "
-        f"download {release.hub} with dataset.source=hub."
+        f"Unpack Zhang et al.'s {release.folder}.tar.gz (linked from {URL}) so that {folder}/train.csv exists, "
+        f"or point dataset.data_dir=... at the folder that holds {release.folder}/, or let Hugging Face "
+        f"datasets download {release.hub} with dataset.source=hub."
     )
 
 
