@@ -149,9 +149,10 @@ class BadRows:
         return sum(self.counts.values())
 
 
-def _decoded_lines(f: Iterable[bytes], undecodable: list[int]) -> Iterator[str]:
+def _decoded_lines(f: Iterable[bytes], undecodable: list[int], bar: tqdm) -> Iterator[str]:
     """Each line as text; numbers of lines that are not UTF-8 go into ``undecodable``."""
     for number, raw in enumerate(f, 1):
+        bar.update(len(raw))
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -159,12 +160,17 @@ def _decoded_lines(f: Iterable[bytes], undecodable: list[int]) -> Iterator[str]:
             yield raw.decode("utf-8", "replace")
 
 
-def read_csv(path: Path, text_columns: int, num_classes: int, bad: BadRows) -> tuple[list[str], list[int]]:
+def read_csv(
+    path: Path, text_columns: int, num_classes: int, bad: BadRows, progress: bool = False
+) -> tuple[list[str], list[int]]:
     """Texts (text columns unescaped, stripped and joined by a space) and 0-based labels of one release file."""
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
     texts, labels, undecodable = [], [], []
-    with path.open("rb") as f:
-        reader = csv.reader(_decoded_lines(f, undecodable))
+    bar = tqdm(
+        total=path.stat().st_size, desc=path.name, unit="B", unit_scale=True, disable=not progress, mininterval=1.0
+    )
+    with path.open("rb") as f, bar:
+        reader = csv.reader(_decoded_lines(f, undecodable, bar))
         while True:
             first = reader.line_num + 1  # a record may span several lines
             where = f"{path}, line {first}"
@@ -347,7 +353,7 @@ def load_encoded(
             print(f"[alr] {cache} is unreadable ({type(e).__name__}); building it again", file=sys.stderr)
 
     if hub is None:
-        splits = {s: read_csv(p, release.text_columns, release.num_classes, bad[s]) for s, p in files.items()}
+        splits = {s: read_csv(p, release.text_columns, release.num_classes, bad[s], progress) for s, p in files.items()}
         class_names = read_classes(folder, release)
     else:
         splits, class_names = _hub_rows(hub, release, bad), list(hub["train"].features[release.hub_label].names)
