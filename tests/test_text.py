@@ -297,3 +297,19 @@ def test_table3_smoke_grid_end_to_end(tmp_path: Path):
     assert table.count("| not run |") == 16 and "14 of 14 runs were shortened" in table
     assert "| AG News | TextRCNN (extra) | ALR-S |" in table and "| Yelp Review Full | FastText | Baseline |" in table
     assert len((out / "table3.csv").read_text().splitlines()) == 31
+
+
+def test_make_reproduce_table3_runs_the_grid_and_the_smoke_mode():
+    def dry_run(*args: str) -> str:
+        proc = subprocess.run(["make", "-n", "reproduce-table3", *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    plain = dry_run()
+    assert "-m alr.train -m experiment=table3 paths.output_dir=runs" in plain
+    assert "-m alr.report table3 --runs runs/table3 --out results" in plain
+    smoke = dry_run("SMOKE=1")
+    assert "-m alr.data.samples --out runs/smoke/data ag_news yahoo_answers yelp_full" in smoke
+    assert "debug=smoke dataset.data_dir=runs/smoke/data model=textrnn,textrcnn,charcnn,transformer" in smoke
+    assert "model=fasttext model.buckets=1000" in smoke
+    assert 'gpus="0 1"' in dry_run("GPUS=0,1")
