@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import heapq
 import json
 import re
 import sys
@@ -257,8 +258,7 @@ def build_vocab(texts: list[str], size: int, min_count: int, progress: bool = Tr
     counts: Counter[str] = Counter()
     for text in tqdm(texts, desc="vocabulary", unit="row", disable=not progress, mininterval=1.0):
         counts.update(TOKEN.findall(text.lower()))
-    frequent = [(-c, w) for w, c in counts.items() if c >= min_count]
-    words = [w for _, w in sorted(frequent)[:size]]
+    words = [w for _, w in heapq.nsmallest(size, ((-c, w) for w, c in counts.items() if c >= min_count))]
     return {w: i for i, w in enumerate(words, len(SPECIALS))}
 
 
@@ -374,8 +374,14 @@ def load_encoded(
     info["rows"] = {split: len(labels) for split, (_, labels) in splits.items()}
     info["skipped_rows"] = {split: dict(b.counts) for split, b in bad.items()}
     out["info"] = info
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, cache)
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out, cache)
+    except PermissionError as e:
+        raise RunError(
+            f"cannot write the encoded {name} into {cache_dir} ({e.strerror}). Point dataset.cache_dir=... at a "
+            "folder you can write to."
+        ) from e
     return out
 
 
