@@ -71,7 +71,7 @@ def _check_text(cfg: DictConfig) -> None:
             "model",
             f"{target.rsplit('.', 1)[-1]} reads {kinds[text_model]} but dataset={cfg.dataset.name} holds "
             f"{kinds[text_data]}",
-            "Use the text models (fasttext, textrnn, textrcnn, charcnn, transformer) with dataset=ag_news, "
+            "Use the text models (fasttext, textrnn, textrcnn, charcnn, transformer) with dataset=ag_news, text_csv, "
             "yahoo_answers or yelp_full, and the image models with the image data sets.",
         )
     if text_model:
