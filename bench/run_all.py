@@ -23,6 +23,7 @@ import bench_cifar_pipeline
 import bench_gpu
 import bench_imagenet_input
 import bench_loss
+import bench_text
 import bench_train
 import benchutil
 import torch
@@ -44,6 +45,7 @@ BENCHES = [
         bench_imagenet_input.main,
         [],
     ),
+    ("7. Text (Table 3): loader rows/s and training samples/s per model", "bench_text.py", bench_text.main, []),
 ]
 # Benches that time data loading by wall clock and pick their own devices: no --device/--threads/--clock.
 OWN_CLOCK = ("bench_cifar_pipeline.py", "bench_imagenet_input.py")

@@ -33,6 +33,8 @@ def test_bench_driver_writes_every_section(tmp_path):
         "gpu / torchvision",
         "GFLOPs per image",
         "dali-cpu / torchvision",
+        "cached load",
+        "samples/s",
     ):
         assert figure in report
     assert "### Targets" in report

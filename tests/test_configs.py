@@ -17,9 +17,23 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
+TEXT_DATASETS = ("ag_news", "yahoo_answers", "yelp_full", "text_csv")
+TEXT_MODELS = ("fasttext", "textrnn", "textrcnn", "charcnn", "transformer")
+
+
+def _partners(group: str, option: str) -> list[str]:
+    """What an option needs beside it: text data sets go with text models (Table 3), and back."""
+    if group == "dataset" and option in TEXT_DATASETS:
+        own = ["dataset.folder=mine", "dataset.num_classes=3"] if option == "text_csv" else []
+        return ["model=textrnn", *own]
+    if group == "model" and option in TEXT_MODELS:
+        return ["dataset=ag_news"]
+    return []
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes(group: str, option: str):
-    cfg = compose(f"{group}={option}")
+    cfg = compose(f"{group}={option}", *_partners(group, option))
     OmegaConf.resolve(cfg)
     validate(cfg)
 
@@ -39,7 +53,7 @@ def test_every_debug_config_composes(name: str):
 
 @pytest.mark.parametrize("dataset", _options("dataset"))
 def test_model_is_built_with_the_dataset_class_count(dataset: str):
-    cfg = compose(f"dataset={dataset}", "model=digits_cnn")
+    cfg = compose(f"dataset={dataset}", "model=digits_cnn", *_partners("dataset", dataset))
     model = instantiate(cfg.model)
     assert model.head[-1].out_features == cfg.dataset.num_classes
 

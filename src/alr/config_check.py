@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alr import CONFIG_VERSION
 
@@ -26,6 +26,9 @@ def _positive_int(value: Any) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first value that cannot work."""
+    for key in cfg.dataset:
+        if OmegaConf.is_missing(cfg.dataset, key):
+            raise ConfigError(f"dataset.{key}", "has no value", f"Set dataset.{key}=... (see configs/dataset/).")
     t = cfg.trainer
     for key in ("epochs", "batch_size"):
         if not _positive_int(t[key]):
@@ -46,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("method.name", f"unknown method {cfg.method.name!r}", f"Use one of {', '.join(METHODS)}.")
     if not _positive_int(cfg.dataset.num_classes) or cfg.dataset.num_classes < 2:
         raise ConfigError("dataset.num_classes", f"must be an integer >= 2, got {cfg.dataset.num_classes!r}", "")
+    _check_text(cfg)
     if cfg.get("shard") is not None:
         parse_shard(cfg.shard)
     if cfg.get("config_version") != CONFIG_VERSION:
@@ -54,6 +58,30 @@ def validate(cfg: DictConfig) -> None:
             f"this config is version {cfg.get('config_version')!r}, the suite reads version {CONFIG_VERSION}",
             "Recompose the run from this version's configs/ (python -m alr.train ...).",
         )
+
+
+def _check_text(cfg: DictConfig) -> None:
+    """Text models go with text data sets (Table 3), CharCNN with characters, the others with words."""
+    target = str(cfg.model.get("_target_", ""))
+    text_model = target.startswith("alr.models.text.")
+    text_data = cfg.dataset.get("build", {}).get("_target_") == "alr.data.text.build"
+    if text_model != text_data:
+        kinds = {True: "text", False: "images"}
+        raise ConfigError(
+            "model",
+            f"{target.rsplit('.', 1)[-1]} reads {kinds[text_model]} but dataset={cfg.dataset.name} holds "
+            f"{kinds[text_data]}",
+            "Use the text models (fasttext, textrnn, textrcnn, charcnn, transformer) with dataset=ag_news, text_csv, "
+            "yahoo_answers or yelp_full, and the image models with the image data sets.",
+        )
+    if text_model:
+        wanted = "char" if target.endswith(".CharCNN") else "word"
+        if cfg.dataset.encoding != wanted:
+            raise ConfigError(
+                "dataset.encoding",
+                f"{target.rsplit('.', 1)[-1]} reads {wanted} ids, not {cfg.dataset.encoding!r}",
+                f"Leave dataset.encoding out (model=charcnn sets char, the word models word) or set {wanted}.",
+            )
 
 
 def parse_shard(value: Any) -> tuple[int, int]:

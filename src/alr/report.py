@@ -1,4 +1,4 @@
-"""Tables and figures from run folders: ``python -m alr.report {demo,table1,table2,table4,figure3,plots,all}``."""
+"""Tables and figures from run folders: ``python -m alr.report {demo,table1,...,table4,figure3,plots,all}``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from alr.reporting.figures import residual_label_panels
@@ -13,7 +14,7 @@ from alr.reporting.grid import expected_grid, missing_cells
 from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
 from alr.reporting.status import write_status
-from alr.reporting.tables import demo_table, table1, table2, table4
+from alr.reporting.tables import demo_table, table1, table2, table3, table4
 from alr.train import CONFIG_DIR
 
 
@@ -28,31 +29,23 @@ def demo(runs_dir: Path, out_dir: Path) -> None:
         print(f"wrote {out_dir / 'table.md'}, {out_dir / 'table.csv'} and {png}")
 
 
-def table1_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
-    """``out_dir/table1.{md,csv}``: every cell of Table 1, "not run" where no run finished."""
+# Each table of the paper: its builder (runs, out_md, command=...) and its subcommand's help. The experiment
+# configs/experiment/<name>.yaml trains it into runs/<name>/; the table goes to results/<name>.{md,csv}.
+TABLES: dict[str, tuple[Callable[..., str], str]] = {
+    "table1": (table1, "Table 1 (CIFAR) beside the paper's numbers"),
+    "table2": (table2, "Table 2 (ImageNet, top-1 and top-5) beside the paper's numbers"),
+    "table3": (table3, "Table 3 (text) beside the paper's numbers"),
+    "table4": (table4, "Table 4 (CIFAR-100, KD and DML) beside the paper's numbers"),
+}
+
+
+def table_report(name: str, runs_dir: Path, out_dir: Path, command: str = "") -> None:
+    """``out_dir/<name>.{md,csv}``: every cell of table ``name``, "not run" where no run finished."""
     runs = load_runs(runs_dir) if runs_dir.exists() else []
     if not runs:
-        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table1 trains them)")
-    print(table1(runs, out_dir / "table1.md", command=command))
-    print(f"wrote {out_dir / 'table1.md'} and {out_dir / 'table1.csv'}")
-
-
-def table2_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
-    """``out_dir/table2.{md,csv}``: every cell of Table 2 (top-1 and top-5), "not run" where no run finished."""
-    runs = load_runs(runs_dir) if runs_dir.exists() else []
-    if not runs:
-        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table2 trains them)")
-    print(table2(runs, out_dir / "table2.md", command=command))
-    print(f"wrote {out_dir / 'table2.md'} and {out_dir / 'table2.csv'}")
-
-
-def table4_report(runs_dir: Path, out_dir: Path, command: str = "") -> None:
-    """``out_dir/table4.{md,csv}``: every row of Table 4 (DML: the mean and each network); "not run" where none ran."""
-    runs = load_runs(runs_dir) if runs_dir.exists() else []
-    if not runs:
-        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-table4 trains them)")
-    print(table4(runs, out_dir / "table4.md", command=command))
-    print(f"wrote {out_dir / 'table4.md'} and {out_dir / 'table4.csv'}")
+        print(f"[alr] no run folders under {runs_dir}: every cell says 'not run' (make reproduce-{name} trains them)")
+    print(TABLES[name][0](runs, out_dir / f"{name}.md", command=command))
+    print(f"wrote {out_dir / f'{name}.md'} and {out_dir / f'{name}.csv'}")
 
 
 def figure3(run_dir: Path, epochs: list[int] | None, panels: int, out: Path) -> None:
@@ -82,9 +75,7 @@ def _epochs(text: str) -> list[int]:
 # the folder under results/ it writes into. `all` calls each builder whose runs/<name>/ holds run folders.
 REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "demo": (demo, "demo"),
-    "table1": (table1_report, ""),
-    "table2": (table2_report, ""),
-    "table4": (table4_report, ""),
+    **{name: (partial(table_report, name), "") for name in TABLES},
 }
 
 
@@ -127,17 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("demo", help="the embedded default's table and residual-label heatmap")
     p.add_argument("--runs", type=Path, default=Path("runs/demo"))
     p.add_argument("--out", type=Path, default=Path("results/demo"))
-    p = sub.add_parser("table1", help="Table 1 (CIFAR) beside the paper's numbers: table1.md and table1.csv")
-    p.add_argument("--runs", type=Path, default=Path("runs/table1"))
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p = sub.add_parser(
-        "table2", help="Table 2 (ImageNet, top-1 and top-5) beside the paper's: table2.md and table2.csv"
-    )
-    p.add_argument("--runs", type=Path, default=Path("runs/table2"))
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p = sub.add_parser("table4", help="Table 4 (CIFAR-100, KD and DML) beside the paper's: table4.md and table4.csv")
-    p.add_argument("--runs", type=Path, default=Path("runs/table4"))
-    p.add_argument("--out", type=Path, default=Path("results"))
+    for name, (_, help_text) in TABLES.items():
+        p = sub.add_parser(name, help=f"{help_text}: {name}.md and {name}.csv")
+        p.add_argument("--runs", type=Path, default=Path(f"runs/{name}"))
+        p.add_argument("--out", type=Path, default=Path("results"))
     p = sub.add_parser("figure3", help="Figure 3: one ALR run's residual labels at several epochs")
     p.add_argument("--run", type=Path, default=Path("runs/table1/cifar10-preact_resnet18-alr-s0"))
     p.add_argument("--epochs", type=_epochs, default=None, help="e.g. 1,60,160,300 (default: spread over the run)")
@@ -153,12 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "alr.report", *(sys.argv[1:] if argv is None else argv)])
     if args.what == "demo":
         demo(args.runs, args.out)
-    elif args.what == "table1":
-        table1_report(args.runs, args.out, command)
-    elif args.what == "table2":
-        table2_report(args.runs, args.out, command)
-    elif args.what == "table4":
-        table4_report(args.runs, args.out, command)
+    elif args.what in TABLES:
+        table_report(args.what, args.runs, args.out, command)
     elif args.what == "figure3":
         figure3(args.run, args.epochs, args.panels, args.out)
     elif args.what == "plots":

@@ -83,6 +83,7 @@ RESUMABLE_CHANGES = (
     "dataset.num_workers",
     "dataset.num_train",
     "dataset.num_test",
+    "dataset.cache_dir",
 )
 
 
@@ -479,7 +480,7 @@ def _start_run_folder(
     history = [m for m in read_metrics(metrics_path) if m["epoch"] <= progress.epoch]
     write_text("".join(json.dumps(m) + "\n" for m in history), metrics_path)
     write_text(json.dumps(parts.data.class_names) + "\n", run_dir / "classes.json")
-    write_json({"status": "running", "params": params}, run_dir / "result.json")
+    write_json({"status": "running", "params": params, "data": parts.data.info}, run_dir / "result.json")
 
 
 def _train_epoch(
@@ -570,6 +571,7 @@ def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str,
         "best_epoch": progress.best[1],
         "epochs": cfg.trainer.epochs,
         "params": params,
+        "data": parts.data.info,
         "wall_time_s": progress.elapsed,
         "experiment": cfg.experiment_name,
         "dataset": cfg.dataset.name,

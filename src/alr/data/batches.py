@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -73,9 +73,14 @@ class TensorBatches:
 
 @dataclass
 class DataBundle:
-    """What the trainer needs from a data set: training and test batches and the class names."""
+    """What the trainer needs from a data set: training and test batches and the class names.
+
+    ``info``: facts about the data worth keeping with the run (rows skipped, vocabulary size, cache file);
+    the trainer writes them into ``result.json`` as ``data``.
+    """
 
     train: Batches
     test: Batches
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)

@@ -1,18 +1,21 @@
-"""Tiny data sets in the real on-disk formats, made from scikit-learn's digits: for smoke runs of a table's grid.
+"""Tiny data sets in the real on-disk formats: for smoke runs of a table's grid.
 
 A smoke run (``make reproduce-table1 SMOKE=1``) must read its data through the real loaders, so these
-writers produce byte-for-byte the layouts the loaders expect, filled with real images that ship with
+writers produce byte-for-byte the layouts the loaders expect. Images are real digits that ship with
 scikit-learn (nothing is downloaded): each 8×8 digit is scaled up to 32×32 and repeated over three
 channels. The digit is the label, so CIFAR-100's files use classes 0–9 of its 100. ImageNet gets an
 ImageFolder tree of JPEG files, ten class folders named like WordNet ids (``n00000000``…``n00000009``),
-the digits scaled up to 64×80 (run it with ``dataset.num_classes=10``).
+the digits scaled up to 64×80 (run it with ``dataset.num_classes=10``). Texts (AG News, Yahoo! Answers,
+Yelp) are sentences composed here from a few words per class, with the release's quirks (every field
+quoted, ``""`` inside quotes, commas, ``\\n`` escapes, non-ASCII UTF-8).
 
-    python -m alr.data.samples --out runs/smoke/data cifar10 cifar100 imagenet
+    python -m alr.data.samples --out runs/smoke/data cifar10 cifar100 imagenet ag_news yahoo_answers yelp_full
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import pickle
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from alr.data.cifar import LAYOUTS
+from alr.data.text import RELEASES
 
 
 def digit_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +100,49 @@ def write_imagenet(
     return folder
 
 
-WRITERS = {"cifar10": write_cifar, "cifar100": write_cifar, "imagenet": write_imagenet}
+_FILLER = ("the", "a", "this", "report", "says", "that", "today", "we", "were", "told", "about", "it", "and", "of")
+_QUIRKS = (', said "{w}"', "\\n{w} again", " — café {w}", ", {w}, {w}")
+
+
+def text_rows(name: str, n: int, seed: int = 0) -> list[list[str]]:
+    """``n`` rows ``[class from 1, *text columns]`` of ``name``'s layout; each class has its own topic words."""
+    release = RELEASES[name]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        k = i % release.num_classes
+        topic = [f"topic{k}word{j}" for j in range(4)]
+        columns = []
+        for _ in range(release.text_columns):
+            words = [str(rng.choice(topic if rng.random() < 0.5 else _FILLER)) for _ in range(int(rng.integers(3, 12)))]
+            text = " ".join(words).capitalize()
+            if rng.random() < 0.5:
+                text += str(rng.choice(_QUIRKS)).format(w=topic[0])
+            columns.append(text + ".")
+        rows.append([str(k + 1), *columns])
+    return rows
+
+
+def write_text_csv(root: str | Path, name: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
+    """Write ``name``'s ``train.csv``, ``test.csv`` and, where the release has one, ``classes.txt``."""
+    release = RELEASES[name]
+    folder = Path(root) / release.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = text_rows(name, n_train + n_test, seed)
+    for file, part in (("train.csv", rows[:n_train]), ("test.csv", rows[n_train:])):
+        with (folder / file).open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(part)
+    if name != "yelp_full":  # the Yelp release has no classes.txt
+        (folder / "classes.txt").write_text("".join(f"{c}\n" for c in release.class_names))
+    return folder
+
+
+WRITERS = {
+    "cifar10": write_cifar,
+    "cifar100": write_cifar,
+    "imagenet": write_imagenet,
+    **{name: write_text_csv for name in RELEASES},
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in args.datasets:
         folder = WRITERS[name](args.out, name, args.n_train, args.n_test)
-        print(f"wrote {args.n_train} + {args.n_test} digit images as {name} into {folder}")
+        print(f"wrote {args.n_train} + {args.n_test} samples as {name} into {folder}")
 
 
 if __name__ == "__main__":
