@@ -38,7 +38,9 @@ def run_train(
     cmd = [sys.executable, "-m", "alr.train", *(["-m"] if multirun else []), f"paths.output_dir={out}", *overrides]
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900
+    )  # a hang, not a slow machine
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
