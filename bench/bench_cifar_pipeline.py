@@ -14,15 +14,13 @@ import argparse
 import pickle
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import benchutil  # noqa: F401  (puts this checkout's src/ first on sys.path)
+import benchutil  # (also puts this checkout's src/ first on sys.path)
 import numpy as np
 import torch
 
 from alr.data import cifar
-from alr.data.batches import Batches
 
 
 def write_synthetic_cifar10(root: Path, n: int, n_test: int = 1000, seed: int = 0) -> None:
@@ -41,18 +39,6 @@ def write_synthetic_cifar10(root: Path, n: int, n_test: int = 1000, seed: int = 
             pickle.dump(batch, f)
     with (folder / "batches.meta").open("wb") as f:
         pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
-
-
-def time_epoch(batches: Batches, epoch: int, device: torch.device) -> float:
-    """Images per second over one full epoch, the device synchronised before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, images = time.perf_counter(), 0
-    for x, _ in batches.epoch(epoch):
-        images += len(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return images / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         rates: dict[str, list[float]] = {loader: [] for loader in loaders}
         for repeat in range(args.repeats):
             for loader, batches in loaders.items():
-                rates[loader].append(time_epoch(batches, repeat, device))
+                rates[loader].append(benchutil.time_epoch(batches, repeat, device))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, wall time")

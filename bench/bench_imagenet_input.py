@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import benchutil  # noqa: F401  (puts this checkout's src/ first on sys.path)
+import benchutil  # (also puts this checkout's src/ first on sys.path)
 import numpy as np
 import torch
 from PIL import Image
@@ -41,18 +40,6 @@ def write_tree(root: Path, n: int, size: tuple[int, int], classes: int = 8, seed
         folder = root / split / f"n{label:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i:06d}.JPEG", quality=90)
-
-
-def time_epoch(batches, epoch: int, device: torch.device) -> float:
-    """Images per second over one full training epoch, the device synchronised before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, images = time.perf_counter(), 0
-    for x, _ in batches.epoch(epoch):
-        images += len(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return images / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         for repeat in range(args.repeats):
             names = list(loaders)[repeat % len(loaders) :] + list(loaders)[: repeat % len(loaders)]
             for name in names:
-                rates[name].append(time_epoch(loaders[name], repeat + 1, variants[name][1]))
+                rates[name].append(benchutil.time_epoch(loaders[name], repeat + 1, variants[name][1]))
 
     print(f"torch {torch.__version__}, {args.workers} DALI threads / DataLoader workers, wall time")
     print(f"{args.n} JPEG files of {size[0]}×{size[1]}, crop {crop}, batch {args.batch_size}, {args.repeats} repeats")

@@ -142,3 +142,16 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no CUDA device)",
     }
+
+
+def time_epoch(batches, epoch: int, device: torch.device) -> float:
+    """Images per second over one full epoch of ``batches`` (the ``Batches`` protocol), the device synchronised
+    before and after (wall clock: a loader's workers are other processes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, images = time.perf_counter(), 0
+    for x, _ in batches.epoch(epoch):
+        images += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images / (time.perf_counter() - start)
