@@ -223,15 +223,15 @@ def test_padding_never_changes_the_output_and_parameter_counts_are_exact(name: s
 
 
 def test_a_text_run_resumes_from_another_data_folder_or_cache_but_not_other_settings():
-    from alr.trainer import config_differences
+    from alr.trainer import config_differences, resumable_keys
 
-    def plain(*overrides: str) -> dict:
-        return OmegaConf.to_container(compose("dataset=ag_news", "model=fasttext", *overrides), resolve=True)
+    def differences(*overrides: str) -> list[str]:
+        now = compose("dataset=ag_news", "model=fasttext", *overrides)
+        return config_differences(saved, OmegaConf.to_container(now, resolve=True), resumable_keys(now))
 
-    saved = plain()
-    moved = plain("dataset.data_dir=/elsewhere", "dataset.cache_dir=/tmp/c", "trainer.progress=false")
-    assert config_differences(saved, moved) == []
-    assert config_differences(saved, plain("dataset.max_len=64")) == [
+    saved = OmegaConf.to_container(compose("dataset=ag_news", "model=fasttext"), resolve=True)
+    assert differences("dataset.data_dir=/elsewhere", "dataset.cache_dir=/tmp/c", "trainer.progress=false") == []
+    assert differences("dataset.max_len=64") == [
         "dataset.build.max_len (32 -> 64)",
         "dataset.max_len (32 -> 64)",
     ]
