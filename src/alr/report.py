@@ -97,11 +97,12 @@ def build_all(runs_root: Path, results: Path) -> list[str]:
     runs = load_runs(runs_root)
     written = write_plots(runs, results / "plots")
     print(f"== plots: {len(written)} PNG files under {results / 'plots'}")
+    experiments = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
+    grids = {name: expected_grid(name) for name in experiments}  # read once: each composes every cell
     print("== reproduction status")
-    print(write_status(runs_root, results))
+    print(write_status(runs_root, results, grids))
     missing = []
-    for config in sorted(Path(CONFIG_DIR, "experiment").glob("*.yaml")):
-        grid = expected_grid(config.stem)
+    for grid in grids.values():
         lines = missing_cells(grid, runs)
         if len(lines) == len(grid.cells) and not any(r.config.get("experiment_name") == grid.experiment for r in runs):
             lines = [

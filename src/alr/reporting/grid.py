@@ -23,6 +23,7 @@ class Grid:
     experiment: str
     cells: list[CellKey]
     seeds: list[int]
+    epochs: int  # the recipe's; a run with fewer is shortened
 
 
 def _compose(overrides: list[str]):
@@ -61,7 +62,7 @@ def expected_grid(experiment: str) -> Grid:
         cells.append((run_cfg.dataset.name, model, run_cfg.method.name))
     seeds = [int(s) for s in values.get("seed", [str(cfg.seed)])]
     GlobalHydra.instance().clear()
-    return Grid(experiment, cells, seeds)
+    return Grid(experiment, cells, seeds, int(cfg.trainer.epochs))
 
 
 def missing_cells(grid: Grid, runs: list[Run]) -> list[str]:
@@ -84,10 +85,3 @@ def missing_cells(grid: Grid, runs: list[Run]) -> list[str]:
             f"{grid.experiment} / {' / '.join(cell)}: {len(finished)}/{len(grid.seeds)} seeds ({'; '.join(why)})"
         )
     return lines
-
-
-def recipe_epochs(experiment: str) -> int:
-    """The number of epochs ``experiment``'s recipe trains (a run with fewer is shortened)."""
-    epochs = int(_compose([f"experiment={experiment}"]).trainer.epochs)
-    GlobalHydra.instance().clear()
-    return epochs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from alr.reporting.grid import expected_grid, recipe_epochs
+from alr.reporting.grid import Grid, expected_grid
 from alr.reporting.runs import Run, load_runs
 from alr.reporting.stats import welch
 from alr.reporting.tables import collect, shortened
@@ -88,8 +88,11 @@ def _figure3_row(result: Result, runs: list[Run], results_dir: Path) -> list[str
     return [result.label, result.what, f"`{result.command}`", counts, _ran_on([run] if run else []), text]
 
 
-def status_rows(runs_root: Path, results_dir: Path) -> list[list[str]]:
-    """One row per entry of :data:`RESULTS`: result, command, finished / failed / expected, ran on, verdict."""
+def status_rows(runs_root: Path, results_dir: Path, grids: dict[str, Grid] | None = None) -> list[list[str]]:
+    """One row per entry of :data:`RESULTS`: result, command, finished / failed / expected, ran on, verdict.
+
+    ``grids``: the experiments' grids where the caller has read them already (each costs a compose per cell).
+    """
     rows = []
     for result in RESULTS:
         link = f"[{result.label}]({result.output})" if (results_dir / result.output).exists() else result.label
@@ -102,7 +105,7 @@ def status_rows(runs_root: Path, results_dir: Path) -> list[list[str]]:
         if result.output.endswith(".png"):
             row = _figure3_row(result, runs, results_dir)
         else:
-            grid = expected_grid(result.experiment)
+            grid = (grids or {}).get(result.experiment) or expected_grid(result.experiment)
             expected = len(grid.cells) * len(grid.seeds)
             finished = sum(r.status == "finished" for r in runs)
             failed = sum(r.status == "failed" for r in runs)
@@ -112,18 +115,18 @@ def status_rows(runs_root: Path, results_dir: Path) -> list[list[str]]:
                 f"`{result.command}`",
                 f"{finished} / {failed} / {expected}",
                 _ran_on(runs),
-                verdict(runs, recipe_epochs(result.experiment)),
+                verdict(runs, grid.epochs),
             ]
         row[0] = link
         rows.append(row)
     return rows
 
 
-def write_status(runs_root: Path, results_dir: Path) -> str:
+def write_status(runs_root: Path, results_dir: Path, grids: dict[str, Grid] | None = None) -> str:
     """``results_dir/status.md``: the reproduction status table; return its Markdown."""
     header = ["Result", "What", "Command", "Runs finished / failed / expected", "Ran on", "Verdict"]
     lines = ["# Reproduction status", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in status_rows(runs_root, results_dir)]
+    lines += ["| " + " | ".join(row) + " |" for row in status_rows(runs_root, results_dir, grids)]
     lines += [
         "",
         "Runs are counted from the run folders under `runs/<experiment>/`; the expected ones from each "
