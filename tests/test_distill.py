@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from alr.errors import RunError
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation, dml_loss, kd_loss
 from alr.trainer import fit
 from conftest import compose
@@ -114,3 +116,18 @@ def test_kd_and_dml_train_end_to_end(tmp_path, teacher):
     assert peer_group["weight_decay"] == 5e-4
     last = json.loads((tmp_path / "dml" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train/L_kl", "train/peer_L_hard", "train/peer_L_kl"} <= set(last)
+
+
+def test_a_run_that_keeps_no_checkpoint_is_skipped_when_finished_and_is_no_teacher(tmp_path):
+    """trainer.keep_checkpoint=false (the smoke grids): last.pt goes once result.json is written; the finished
+    run is skipped on resume, also with the key changed back, and a KD run cannot take it as its teacher."""
+    run_dir = tmp_path / "run"
+    result = fit(compose("method=baseline", *FAST, "trainer.epochs=1", "trainer.keep_checkpoint=false"), run_dir)
+    assert result["status"] == "finished" and not (run_dir / "last.pt").exists()
+    assert json.loads((run_dir / "result.json").read_text())["final_test_acc"] == result["final_test_acc"]
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    again = fit(compose("method=baseline", *FAST, "trainer.epochs=1"), run_dir)
+    assert again["final_test_acc"] == result["final_test_acc"] and (run_dir / "metrics.jsonl").read_text() == metrics
+    with pytest.raises((RunError, InstantiationException), match=r"finished but kept no weights \(no last.pt; it ran with trainer.keep_che"):
+        instantiate(compose("method=kd", f"method.teacher_run={run_dir}").method.module)
+    torch.use_deterministic_algorithms(False)

@@ -141,9 +141,11 @@ def test_smoke_grid_end_to_end(tmp_path: Path):
     subprocess.run(
         [sys.executable, "-m", "alr.data.samples", "--out", str(data), "cifar10", "cifar100"], check=True, cwd=ROOT
     )
-    run_train("experiment=table1", "debug=smoke", f"dataset.data_dir={data}", "seed=0,1", out=tmp_path, multirun=True)
+    smoke = ["experiment=table1", "debug=smoke", f"dataset.data_dir={data}", "trainer.keep_checkpoint=false"]
+    run_train(*smoke, "seed=0,1", out=tmp_path, multirun=True)
     runs = load_runs(tmp_path / "table1")
     assert len(runs) == 32 and all(r.status == "finished" for r in runs)
+    assert not list((tmp_path / "table1").rglob("last.pt"))  # 5.7 GB of weights, kept otherwise
     assert {r.key for r in runs} == {(r["dataset"], r["model"], r["method"]) for r in load_paper("table1")}
     wrn = next(r for r in runs if r.key == ("cifar100", "wrn28_10", "alr"))
     assert wrn.result["params"] == {"backbone": 36_536_884, "method": 9_900}
@@ -202,7 +204,7 @@ def test_make_targets_run_the_grid_the_smoke_mode_and_one_shard_per_gpu():
     assert "-m alr.report table1 --runs runs/table1 --out results" in plain
     smoke = _make_dry_run("reproduce-table1", "SMOKE=1")
     assert "-m alr.data.samples --out runs/smoke/data cifar10 cifar100" in smoke
-    assert "debug=smoke dataset.data_dir=runs/smoke/data" in smoke
+    assert "debug=smoke dataset.data_dir=runs/smoke/data trainer.keep_checkpoint=false" in smoke
     assert "--runs runs/smoke/table1 --out runs/smoke/results" in smoke
     sharded = _make_dry_run("reproduce-table1", "GPUS=0,3")
     assert 'gpus="0 3"' in sharded and "CUDA_VISIBLE_DEVICES=$g" in sharded and "shard=$i/$n" in sharded

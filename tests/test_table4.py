@@ -270,9 +270,11 @@ def test_make_reproduce_table4_trains_the_teachers_first():
     assert "-m alr.report table4 --runs runs/table4 --out results" in plain[2]
     smoke = dry("SMOKE=1")
     assert "-m alr.data.samples --out runs/smoke/data cifar100" in smoke[0]
-    assert "debug=smoke dataset.data_dir=runs/smoke/data model=wrn28_10 method=baseline" in smoke[1]
+    smoke_args = "debug=smoke dataset.data_dir=runs/smoke/data trainer.keep_checkpoint=false"
+    assert f"{smoke_args} model=wrn28_10 method=baseline trainer.keep_checkpoint=true" in smoke[1]  # teachers keep it
+    assert smoke[2].rstrip().endswith(smoke_args)
     sharded = dry("GPUS=0,1")
-    assert "model=wrn28_10 method=baseline shard=$i/$n" in sharded[0] and "shard=$i/$n" in sharded[1]
+    assert "model=wrn28_10 method=baseline trainer.keep_checkpoint=true shard=$i/$n" in sharded[0] and "shard=$i/$n" in sharded[1]
     assert "wait $p" in sharded[0]  # every shard of the teachers ends before the grid's sweep starts
 
 

@@ -273,6 +273,7 @@ def test_table3_smoke_grid_end_to_end(tmp_path: Path):
     yelp = data / "yelp_review_full_csv" / "train.csv"
     yelp.write_text(yelp.read_text() + '"9","a review with class nine"\n"1",""\n')
     common = ["experiment=table3", "debug=smoke", f"dataset.data_dir={data}", "dataset.vocab_size=500"]
+    common.append("trainer.keep_checkpoint=false")
     models = ["dataset=ag_news", "model=textrnn,textrcnn,charcnn,transformer", "method=alr_s"]
     run_train(*common, *models, out=tmp_path, multirun=True)
     run_train(
@@ -311,6 +312,6 @@ def test_make_reproduce_table3_runs_the_grid_and_the_smoke_mode():
     assert "-m alr.report table3 --runs runs/table3 --out results" in plain
     smoke = dry_run("SMOKE=1")
     assert "-m alr.data.samples --out runs/smoke/data ag_news yahoo_answers yelp_full" in smoke
-    assert "debug=smoke dataset.data_dir=runs/smoke/data model=textrnn,textrcnn,charcnn,transformer" in smoke
+    assert "smoke/data trainer.keep_checkpoint=false model=textrnn,textrcnn,charcnn,transformer" in smoke
     assert "model=fasttext model.buckets=1000" in smoke
     assert 'gpus="0 1"' in dry_run("GPUS=0,1")

@@ -15,6 +15,9 @@ Reliability (docs/reliability.md):
 - The loss is checked for NaN/inf every ``log_every`` steps and at the end of every epoch, on the
   device: the first bad step and its terms are recorded without a host sync, and no checkpoint is
   ever written from an epoch with a non-finite loss.
+- A finished run keeps ``last.pt`` (its weights: KD teachers, analysis) unless
+  ``trainer.keep_checkpoint=false`` (the smoke grids): then it is deleted once ``result.json`` is written,
+  and the run is still skipped as finished on resume.
 
 Several processes (``torchrun``, SLURM tasks; :mod:`alr.distributed`): every rank runs this same loop on
 its shard of each global batch; only rank 0 writes files, and the sums it writes are over all ranks.
@@ -73,6 +76,7 @@ RESUMABLE_CHANGES = (
     "trainer.progress",
     "trainer.log_every",
     "trainer.resume",
+    "trainer.keep_checkpoint",
     "trainer.device",
     "trainer.channels_last",
     "trainer.compile",
@@ -659,4 +663,6 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         result["identical_on_all_ranks"] = world.identical(parts.model, parts.method)
     if world.main:
         write_json(result, run_dir / "result.json")
+        if not t.keep_checkpoint:  # after result.json: a finished run is skipped on resume, last.pt or not
+            ckpt_path.unlink(missing_ok=True)
     return result

@@ -76,6 +76,12 @@ def load_teacher(teacher_run: str | Path | None, dataset: str, num_classes: int)
             f"{cfg.dataset.num_classes} classes, this run is {dataset} with {num_classes}. Use a teacher trained "
             "on the same data set."
         )
+    if not (run / "last.pt").is_file():
+        raise RunError(
+            f"config key 'method.teacher_run': the teacher run {run} finished but kept no weights (no last.pt; "
+            "it ran with trainer.keep_checkpoint=false). Train it again with trainer.keep_checkpoint=true "
+            "(trainer.resume=false in its command)."
+        )
     teacher = instantiate(cfg.model)
     teacher.load_state_dict(load_checkpoint(run / "last.pt")["model"])
     return teacher.eval().requires_grad_(False)
