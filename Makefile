@@ -69,7 +69,7 @@ clean: ## remove run folders and caches (keeps .venv and results/)
 
 # SMOKE=1: the same grid, one epoch of two tiny batches per run, on the CPU, on sample files made from
 # scikit-learn's digits in each data set's real format; run folders and tables go under $(RUNS)/smoke. A smoke
-# run's last.pt is deleted once it finishes (Table 1's grid would keep 5.7 GB of weights), but a KD teacher's.
+# run's last.pt is deleted once it finishes (Table 1's grid would keep 14 GB of weights), but a KD teacher's.
 ifeq ($(SMOKE),1)
 GRID_RUNS := $(RUNS)/smoke
 GRID_OUT  := $(RUNS)/smoke/results
