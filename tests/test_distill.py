@@ -128,6 +128,7 @@ def test_a_run_that_keeps_no_checkpoint_is_skipped_when_finished_and_is_no_teach
     metrics = (run_dir / "metrics.jsonl").read_text()
     again = fit(compose("method=baseline", *FAST, "trainer.epochs=1"), run_dir)
     assert again["final_test_acc"] == result["final_test_acc"] and (run_dir / "metrics.jsonl").read_text() == metrics
-    with pytest.raises((RunError, InstantiationException), match=r"finished but kept no weights \(no last.pt; it ran with trainer.keep_che"):
+    no_weights = r"finished but kept no weights \(no last.pt; it ran with trainer.keep_checkpoint=false\)"
+    with pytest.raises((RunError, InstantiationException), match=no_weights):
         instantiate(compose("method=kd", f"method.teacher_run={run_dir}").method.module)
     torch.use_deterministic_algorithms(False)
