@@ -80,14 +80,14 @@ GRID_OUT  := results
 GRID_ARGS :=
 endif
 
-# $(call sweep,EXPERIMENT[,OVERRIDES]): the experiment's Hydra multirun (OVERRIDES narrow it, e.g. to one phase;
+# $(call sweep,EXPERIMENT[,OVERRIDES[,PHASE]]): the experiment's Hydra multirun (OVERRIDES narrow it, e.g. to one phase;
 # commas in them as $(comma)). With GPUS=0,1,... one multirun per GPU, each training the jobs of its shard (job
-# number mod the GPU count), logs in $(GRID_RUNS)/EXPERIMENT-shardI.log.
+# number mod the GPU count), logs in $(GRID_RUNS)/EXPERIMENT[-PHASE]-shardI.log (a target's two sweeps keep both).
 define sweep
 $(if $(GPUS),@set -e; gpus="$(subst $(comma), ,$(GPUS))"; n=$$(echo $$gpus | wc -w); i=0; pids=""; \
 	mkdir -p $(GRID_RUNS); \
 	for g in $$gpus; do \
-		log=$(GRID_RUNS)/$(1)-shard$$i.log; echo "shard $$i/$$n on GPU $$g: $$log"; \
+		log=$(GRID_RUNS)/$(1)$(if $(3),-$(3))-shard$$i.log; echo "shard $$i/$$n on GPU $$g: $$log"; \
 		CUDA_VISIBLE_DEVICES=$$g $(PY) -m alr.train -m experiment=$(1) paths.output_dir=$(GRID_RUNS) \
 			$(GRID_ARGS) $(2) shard=$$i/$$n trainer.progress=false $(ARGS) > $$log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
 	done; \
@@ -126,8 +126,8 @@ endif
 reproduce-table3: $(STAMP) ## Table 3: 30 text runs, then results/table3.md (SMOKE=1: on the CPU in minutes; GPUS=0,1,..)
 ifeq ($(SMOKE),1)
 	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data ag_news yahoo_answers yelp_full
-	$(call sweep,table3,model=textrnn$(comma)textrcnn$(comma)charcnn$(comma)transformer)
-	$(call sweep,table3,model=fasttext model.buckets=1000)
+	$(call sweep,table3,model=textrnn$(comma)textrcnn$(comma)charcnn$(comma)transformer,networks)
+	$(call sweep,table3,model=fasttext model.buckets=1000,fasttext)
 else
 	$(call sweep,table3)
 endif
@@ -139,7 +139,7 @@ reproduce-table4: $(STAMP) ## Table 4: the KD teachers, then 35 CIFAR-100 runs, 
 ifeq ($(SMOKE),1)
 	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data cifar100
 endif
-	$(call sweep,table4,model=wrn28_10 method=baseline trainer.keep_checkpoint=true)
+	$(call sweep,table4,model=wrn28_10 method=baseline trainer.keep_checkpoint=true,teachers)
 	$(call sweep,table4)
 	$(PY) -m alr.report table4 --runs $(GRID_RUNS)/table4 --out $(GRID_OUT)
 

@@ -276,6 +276,7 @@ def test_make_reproduce_table4_trains_the_teachers_first():
     sharded = dry("GPUS=0,1")
     assert "model=wrn28_10 method=baseline trainer.keep_checkpoint=true shard=$i/$n" in sharded[0]
     assert "shard=$i/$n" in sharded[1]
+    assert "log=runs/table4-teachers-shard$i.log" in sharded[0] and "log=runs/table4-shard$i.log" in sharded[1]
     assert "wait $p" in sharded[0]  # every shard of the teachers ends before the grid's sweep starts
 
 

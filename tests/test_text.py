@@ -315,3 +315,5 @@ def test_make_reproduce_table3_runs_the_grid_and_the_smoke_mode():
     assert "smoke/data trainer.keep_checkpoint=false model=textrnn,textrcnn,charcnn,transformer" in smoke
     assert "model=fasttext model.buckets=1000" in smoke
     assert 'gpus="0 1"' in dry_run("GPUS=0,1")
+    sharded_smoke = dry_run("GPUS=0,1", "SMOKE=1")  # the two sweeps' shard logs apart
+    assert "table3-networks-shard$i.log" in sharded_smoke and "table3-fasttext-shard$i.log" in sharded_smoke
