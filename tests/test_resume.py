@@ -6,6 +6,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import run_train
@@ -73,6 +74,7 @@ def test_baseline_killed_after_epoch_1_then_resumed_is_bit_identical(tmp_path):
     _assert_bit_identical(straight, run_dir)
 
 
+@pytest.mark.slow
 def test_alr_killed_after_epoch_1_then_stopped_mid_epoch_2_then_resumed_is_bit_identical(tmp_path):
     straight = _straight(tmp_path / "straight", "alr")
     out, overrides = tmp_path / "disturbed", ["method=alr", *FAST, *faulty(CRITERIA["alr"])]

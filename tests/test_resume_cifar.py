@@ -10,6 +10,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import yaml
 
 from alr.data.samples import write_cifar
@@ -51,6 +52,7 @@ def _first_runs(tmp_path: Path, interrupted: list[int]) -> tuple[Path, Path]:
     return out, moved
 
 
+@pytest.mark.slow
 def test_runs_resume_singly_with_the_data_moved_and_loader_keys_changed(tmp_path):
     out, data = _first_runs(tmp_path, interrupted=[1])
     proc = run_train(*COMMON, "seed=1", f"dataset.data_dir={data}", "dataset.num_workers=2", out=out)
@@ -73,6 +75,7 @@ def test_runs_resume_singly_with_the_data_moved_and_loader_keys_changed(tmp_path
     assert before == {p.name: p.read_bytes() for p in _run_dir(out, 1).iterdir() if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_sweep_resumes_past_changed_loader_keys_and_goes_on_past_a_refused_folder(tmp_path):
     out, data = _first_runs(tmp_path, interrupted=[1])
     proc = run_train("seed=0,1", *COMMON, f"dataset.data_dir={data}", "dataset.num_workers=2", out=out, multirun=True)
