@@ -16,6 +16,13 @@ first step of every run (allocations, kernel selection) is dropped, and so is th
 next batch), so each run gives ``steps − 2`` samples. Medians over all samples of a variant; the
 spread is the min-max of the per-round ratios.
 
+Op accounting: step times on a shared CPU scatter by ±10 % from step to step, too wide to settle a 1 %
+target. So one more run of each method goes under ``torch.profiler`` over the same timed steps, and
+the ops are compared: every op ALR-S calls more often than the baseline (ALR's loss, ``S``'s update)
+counts at its mean self time, every op it calls less often (the baseline's cross entropy) counts
+against. The net, per step, against the baseline's own step is ALR-S's added work; effects outside
+the ops (cache, allocator) are what the step-time comparison sees and this one does not.
+
     python bench/bench_train.py            # preact_resnet18, batch 128, 4 rounds × 6 steps
     python bench/bench_train.py --quick    # batch 8, 1 round × 3 steps
 """
@@ -40,6 +47,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from alr.trainer import DTYPES, fit, seed_everything
 
@@ -48,6 +56,49 @@ TARGET_METHOD = 0.01  # issue 6: alr_s within 1 % of baseline per step
 TARGET_TRAINER = 0.95  # and the trainer at least 0.95 of a bare loop's steps per second
 
 _stamps: list[float] = []  # filled by TimedBatches, read after each run
+_window: list[ProfiledSteps] = []  # when set, TimedBatches profiles the timed steps of the next run
+
+
+class ProfiledSteps:
+    """``torch.profiler`` over a run's timed steps: from batch 1 leaving the loader to the last one leaving."""
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.last, self.device, self.steps = steps - 1, device, steps - 2
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.profile = profile(activities=activities, record_shapes=True)
+
+    def at(self, i: int) -> None:
+        if i == 1:
+            self.profile.start()
+        elif i == self.last:
+            self.profile.stop()
+
+    def ops(self) -> dict[str, tuple[float, float]]:
+        """``op [input shapes]`` -> (calls, self time in ms) per step: device time on CUDA, CPU time otherwise.
+
+        By shape, so that a scalar copy is not charged at the mean of all copies (a batch's among them)."""
+        cuda = self.device.type == "cuda"
+        out = {}
+        for e in self.profile.key_averages(group_by_input_shape=True):
+            shapes = ",".join(str(list(x)) if x else "." for x in e.input_shapes if x is not None)
+            out[f"{e.key} {shapes}"] = (
+                e.count / self.steps,
+                (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / self.steps,
+            )
+        return out
+
+
+def op_difference(
+    alr: dict[str, tuple[float, float]], base: dict[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    """Op -> (calls, ms) that one step of ``alr`` makes more (positive) or fewer (negative) than one of ``base``."""
+    diff = {}
+    for key in alr.keys() | base.keys():
+        (n_a, t_a), (n_b, t_b) = alr.get(key, (0, 0.0)), base.get(key, (0, 0.0))
+        if abs(n_a - n_b) > 1e-9:  # a changed count, at the mean self time of one call (where it is called more)
+            per_call = t_a / n_a if n_a > n_b else t_b / n_b
+            diff[key] = (n_a - n_b, (n_a - n_b) * per_call)
+    return diff
 
 
 class TimedBatches:
@@ -60,9 +111,11 @@ class TimedBatches:
         return len(self.inner)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for batch in self.inner.epoch(epoch):
+        for i, batch in enumerate(self.inner.epoch(epoch)):
             sync(self.device)
             _stamps.append(benchutil.clock())
+            if _window:
+                _window[0].at(i)
             yield batch
 
 
@@ -163,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
             },
             args.rounds,
         )
+        ops = {}
+        for method in ("baseline", "alr_s"):
+            _window[:] = [ProfiledSteps(args.steps, device)]
+            run(method, count)
+            ops[method] = _window.pop().ops()
 
     n = len(flat(res["bare loop"]))
     print(
@@ -195,6 +253,19 @@ def main(argv: list[str] | None = None) -> None:
         f"target alr_s within 1 % of baseline per step on {device.type}: {verdict}:"
         f" median overhead {overhead:+.2f} %, per round {lo:+.2f} % to {hi:+.2f} %"
     )
+    diff = op_difference(ops["alr_s"], ops["baseline"])
+    step_ms = 1e3 * median(flat(res["trainer baseline"]))
+    added, saved = sum(ms for _, ms in diff.values() if ms > 0), -sum(ms for _, ms in diff.values() if ms < 0)
+    net = 100 * (added - saved) / step_ms
+    what = "device" if device.type == "cuda" else "CPU"
+    print(
+        f"op accounting ({what} self time, per step, one profiled run each): ALR-S's ops beyond the baseline's"
+        f" {added:.3f} ms, the baseline's beyond ALR-S's {saved:.3f} ms, of a {step_ms:.1f} ms step: {net:+.3f} %"
+    )
+    for key, (calls, ms) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[:8]:
+        print(f"  {key[:60]:<60} {calls:+6.1f} calls {ms:+8.3f} ms")
+    verdict = "holds" if net <= 100 * TARGET_METHOD else "does not hold"
+    print(f"target alr_s within 1 % of baseline per step on {device.type}, by op accounting: {verdict} ({net:+.3f} %)")
     verdict = "holds" if trainer[0] >= TARGET_TRAINER else "does not hold"
     print(f"target trainer >= {TARGET_TRAINER} of the bare loop's steps/s: {verdict} ({trainer[0]:.4f})")
     if args.batch_size != 128 or args.model != "preact_resnet18":
