@@ -217,10 +217,10 @@ def main(argv: list[str] | None = None) -> None:
             args.rounds,
         )
         ops = {}
-        for method in ("baseline", "alr_s"):
+        for method in ("baseline", "alr_s", None):
             _window[:] = [ProfiledSteps(args.steps, device)]
             run(method, count)
-            ops[method] = _window.pop().ops()
+            ops[method or "bare loop"] = _window.pop().ops()
 
     n = len(flat(res["bare loop"]))
     print(
@@ -253,21 +253,39 @@ def main(argv: list[str] | None = None) -> None:
         f"target alr_s within 1 % of baseline per step on {device.type}: {verdict}:"
         f" median overhead {overhead:+.2f} %, per round {lo:+.2f} % to {hi:+.2f} %"
     )
-    diff = op_difference(ops["alr_s"], ops["baseline"])
     step_ms = 1e3 * median(flat(res["trainer baseline"]))
-    added, saved = sum(ms for _, ms in diff.values() if ms > 0), -sum(ms for _, ms in diff.values() if ms < 0)
-    net = 100 * (added - saved) / step_ms
     what = "device" if device.type == "cuda" else "CPU"
-    print(
-        f"op accounting ({what} self time, per step, one profiled run each): ALR-S's ops beyond the baseline's"
-        f" {added:.3f} ms, the baseline's beyond ALR-S's {saved:.3f} ms, of a {step_ms:.1f} ms step: {net:+.3f} %"
-    )
-    for key, (calls, ms) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[:8]:
-        print(f"  {key[:60]:<60} {calls:+6.1f} calls {ms:+8.3f} ms")
+
+    def accounting(name: str, more: str, fewer: str) -> float:
+        """Print ``more``'s ops beyond ``fewer``'s and the reverse, per step; the net in % of the baseline's step."""
+        diff = op_difference(ops[more], ops[fewer])
+        added, saved = sum(ms for _, ms in diff.values() if ms > 0), -sum(ms for _, ms in diff.values() if ms < 0)
+        net = 100 * (added - saved) / step_ms
+        print(
+            f"op accounting, {name} ({what} self time per step, one profiled run each): {more}'s ops beyond"
+            f" {fewer}'s {added:.3f} ms, the reverse {saved:.3f} ms, of a {step_ms:.1f} ms step: {net:+.3f} %"
+        )
+        for key, (calls, ms) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[:8]:
+            print(f"  {key[:60]:<60} {calls:+6.1f} calls {ms:+8.3f} ms")
+        return net
+
+    print()
+    net = accounting("ALR-S against the baseline", "alr_s", "baseline")
+    extra = accounting("the trainer against a bare loop", "baseline", "bare loop")
+    print()
     verdict = "holds" if net <= 100 * TARGET_METHOD else "does not hold"
     print(f"target alr_s within 1 % of baseline per step on {device.type}, by op accounting: {verdict} ({net:+.3f} %)")
-    verdict = "holds" if trainer[0] >= TARGET_TRAINER else "does not hold"
-    print(f"target trainer >= {TARGET_TRAINER} of the bare loop's steps/s: {verdict} ({trainer[0]:.4f})")
+    if trainer[2] - trainer[1] > 2 * (1 - TARGET_TRAINER):  # as for the method: rounds wider than the margin
+        verdict = "not resolved by this run (step-to-step noise is wider than the margin)"
+    else:
+        verdict = "holds" if trainer[0] >= TARGET_TRAINER else "does not hold"
+    print(
+        f"target trainer >= {TARGET_TRAINER} of the bare loop's steps/s: {verdict}: median {trainer[0]:.4f},"
+        f" per round {trainer[1]:.4f} to {trainer[2]:.4f}"
+    )
+    by_ops = 1 / (1 + extra / 100)
+    verdict = "holds" if by_ops >= TARGET_TRAINER else "does not hold"
+    print(f"target trainer >= {TARGET_TRAINER} of the bare loop's steps/s, by op accounting: {verdict} ({by_ops:.4f})")
     if args.batch_size != 128 or args.model != "preact_resnet18":
         print(f"(measured with {args.model} at batch {args.batch_size}; the targets are for preact_resnet18 at 128)")
 

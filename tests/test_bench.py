@@ -30,6 +30,8 @@ def test_bench_driver_writes_every_section(tmp_path):
         "ALRLoss/CE",
         "trainer / bare loop",
         "alr_s / baseline",
+        "by op accounting",
+        "_ALRFunction",
         "gpu / torchvision",
         "GFLOPs per image",
         "dali-cpu / torchvision",
@@ -39,3 +41,16 @@ def test_bench_driver_writes_every_section(tmp_path):
         assert figure in report
     assert "### Targets" in report
     assert report.count("\ntarget ") == 5  # items 1 (three targets), 2 and 3 each say whether they hold
+
+
+def test_op_accounting_charges_each_extra_call_at_its_own_mean_and_the_missing_ones_against():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_train import op_difference
+
+    alr = {"loss [8, 10]": (1.0, 0.3), "copy_ .": (16.0, 0.08), "conv [8, 3]": (20.0, 400.0)}
+    base = {"cross_entropy [8, 10]": (1.0, 0.1), "copy_ .": (2.0, 0.01), "conv [8, 3]": (20.0, 410.0)}
+    diff = op_difference(alr, base)
+    assert diff.keys() == {"loss [8, 10]", "copy_ .", "cross_entropy [8, 10]"}  # same calls: not a difference
+    assert diff["loss [8, 10]"] == (1.0, 0.3) and diff["cross_entropy [8, 10]"] == (-1.0, -0.1)
+    calls, ms = diff["copy_ ."]
+    assert calls == 14.0 and abs(ms - 14 * 0.005) < 1e-12
