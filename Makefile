@@ -49,7 +49,7 @@ format: $(STAMP) ## apply ruff's formatting and import order
 	$(PY) -m ruff check --fix --select I src tests scripts bench
 	$(PY) -m ruff format src tests scripts bench
 
-bench: $(STAMP) ## speed benchmarks (bench/*.py; 5 to 16 minutes on a 2-core CPU) into results/bench.md and docs/speed.md
+bench: $(STAMP) ## speed benchmarks (bench/*.py; 5 to 19 minutes on a 2-core CPU) into results/bench.md and docs/speed.md
 	$(PY) bench/run_all.py --out results/bench.md
 	$(PY) scripts/sync_readme.py
 

@@ -4,7 +4,7 @@
 ``###`` headings). Each bench prints ratios measured side by side in this one process, the
 variants interleaved, medians with their spread; this driver only collects the printouts.
 
-    python bench/run_all.py                    # the full benches (5 to 16 minutes on a 2-core CPU), results/bench.md
+    python bench/run_all.py                    # the full benches (5 to 19 minutes on a 2-core CPU), results/bench.md
     python bench/run_all.py --quick --out X    # seconds: a smoke test of every bench
 """
 
