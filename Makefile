@@ -38,8 +38,10 @@ results: $(STAMP) ## every table and plot the run folders allow, the reproductio
 wandb-sync: $(STAMP) ## upload the W&B runs written offline in the run folders (needs `wandb login`)
 	$(PY) -m alr.wandb_sync --runs $(RUNS)
 
+# --maxschedchunk=1: xdist hands out one test at a time, so the end-to-end tests that conftest puts first
+# go to both workers in turn (by default the first quarter of the collection goes to one worker at once).
 test: $(STAMP) ## run the test suite on the CPU (no GPU, no download)
-	$(PY) -m pytest -n 2 --durations=8
+	$(PY) -m pytest -n 2 --maxschedchunk=1 --durations=8
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check src tests scripts bench

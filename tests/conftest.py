@@ -20,8 +20,8 @@ CONFIGS = ROOT / "configs"
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # The end-to-end runs first: pytest-xdist hands them out in turn, and the short tests fill in around them
-    # (started last, one of them would run alone at the end). A stable sort: the order is otherwise the files'.
+    # The end-to-end runs first: pytest-xdist hands them out in turn (make test: --maxschedchunk=1), and the
+    # short tests fill in around them (started last, one would run alone at the end). A stable sort.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
