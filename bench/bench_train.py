@@ -101,6 +101,14 @@ def op_difference(
     return diff
 
 
+def step_time_verdict(per_round: tuple[float, float], margin: float, ok: bool) -> str:
+    """A target's verdict from step times: "not resolved" while the per-round ratios spread wider than twice
+    its ``margin`` (noise, not the code), else whether it holds."""
+    if per_round[1] - per_round[0] > 2 * margin:
+        return "not resolved by this run (step-to-step noise is wider than the target)"
+    return "holds" if ok else "does not hold"
+
+
 class TimedBatches:
     """The training batches of a data bundle, with a timestamp each time a batch leaves."""
 
@@ -245,10 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     overhead, lo, hi = (100 * (v - 1) for v in method)
-    if method[2] - method[1] > 2 * TARGET_METHOD:  # the rounds disagree by more than the target's width
-        verdict = "not resolved by this run (step-to-step noise is wider than the target)"
-    else:
-        verdict = "holds" if overhead <= 100 * TARGET_METHOD else "does not hold"
+    verdict = step_time_verdict(method[1:], TARGET_METHOD, overhead <= 100 * TARGET_METHOD)
     print(
         f"target alr_s within 1 % of baseline per step on {device.type}: {verdict}:"
         f" median overhead {overhead:+.2f} %, per round {lo:+.2f} % to {hi:+.2f} %"
@@ -275,10 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     verdict = "holds" if net <= 100 * TARGET_METHOD else "does not hold"
     print(f"target alr_s within 1 % of baseline per step on {device.type}, by op accounting: {verdict} ({net:+.3f} %)")
-    if trainer[2] - trainer[1] > 2 * (1 - TARGET_TRAINER):  # as for the method: rounds wider than the margin
-        verdict = "not resolved by this run (step-to-step noise is wider than the margin)"
-    else:
-        verdict = "holds" if trainer[0] >= TARGET_TRAINER else "does not hold"
+    verdict = step_time_verdict(trainer[1:], 1 - TARGET_TRAINER, trainer[0] >= TARGET_TRAINER)
     print(
         f"target trainer >= {TARGET_TRAINER} of the bare loop's steps/s: {verdict}: median {trainer[0]:.4f},"
         f" per round {trainer[1]:.4f} to {trainer[2]:.4f}"
