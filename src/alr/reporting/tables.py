@@ -223,8 +223,9 @@ def table1(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 300, com
             ]
         )
     notes = [
-        f"Ours: test accuracy after the last epoch (SPEC §2), mean ± sample std over the seeds that finished "
-        f"({seeds} expected). Paper: its Table 1, averaged over 5 runs (`results/paper/table1.csv`).",
+        "Ours: test accuracy after the last epoch (`docs/deviations.md#recipes-and-reporting`), mean ± sample std "
+        f"over the seeds that finished ({seeds} expected). Paper: its Table 1, averaged over 5 runs "
+        "(`results/paper/table1.csv`).",
         SIGNIFICANCE_NOTE,
     ]
     notes += provenance(runs, epochs, "table1", command)
@@ -320,9 +321,10 @@ def table4(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 200, com
                     + ["—", "—", "", "", "", ""]
                 )
     notes = [
-        f"Ours: test accuracy after the last epoch (SPEC §2), mean ± sample std over the seeds that finished "
-        f"({seeds} expected). DML trains two networks per run; its row is the mean of the two networks' "
-        "accuracies (the DML paper's convention), and the two rows below it give each network on its own.",
+        "Ours: test accuracy after the last epoch (`docs/deviations.md#recipes-and-reporting`), mean ± sample std "
+        f"over the seeds that finished ({seeds} expected). DML trains two networks per run; its row is the mean of "
+        "the two networks' accuracies (the DML paper's convention), and the two rows below it give each network "
+        "on its own.",
         "Paper: its Table 4 (`results/paper/table4.csv`); * marks the numbers it quotes from the DML paper "
         "(Zhang et al. 2018) rather than runs of its own. The suite trains those rows itself: replications of the "
         "DML paper found independent ResNet-32s at about 71 % on CIFAR-100, not 68.99; our Baseline row shows "
@@ -366,7 +368,8 @@ def table2(runs: list[Run], out_md: Path, epochs: int = 90, command: str = "") -
         rows.append(row + [format_params(cell.params if cell else None)])
     notes = [
         "Ours: top-1 and top-5 accuracy on the validation set after the last epoch, every validation image counted "
-        "once (SPEC §2), one seed. Paper: its Table 2 (`results/paper/table2.csv`), which gives no spread.",
+        "once (`docs/deviations.md#recipes-and-reporting`), one seed. Paper: its Table 2 "
+        "(`results/paper/table2.csv`), which gives no spread.",
     ]
     notes += provenance(runs, epochs, "table2", command)
     return write_table(rows, header, out_md, "Table 2: ImageNet-1k (ILSVRC-2012), top-1 / top-5 accuracy (%)", notes)
@@ -403,10 +406,10 @@ def table3(runs: list[Run], out_md: Path, epochs: int = 30, command: str = "") -
             ]
         )
     notes = [
-        "Ours: test accuracy after the last epoch (SPEC §2), mean ± sample std over the seeds that finished (the "
-        "paper ran one). Paper: its Table 3 (`results/paper/table3.csv`). TextRCNN (Lai et al. 2015, the paper's "
-        "citation for TextRNN) is an extra row the paper does not have. Models and tokenisation: "
-        "docs/table3-text.md.",
+        "Ours: test accuracy after the last epoch (`docs/deviations.md#recipes-and-reporting`), mean ± sample std "
+        "over the seeds that finished (the paper ran one). Paper: its Table 3 (`results/paper/table3.csv`). "
+        "TextRCNN (Lai et al. 2015, the paper's citation for TextRNN) is an extra row the paper does not have. "
+        "Models and tokenisation: docs/table3-text.md.",
         SIGNIFICANCE_NOTE,
     ]
     notes += provenance(runs, epochs, "table3", command)
