@@ -1,4 +1,4 @@
-"""ALRLoss against closed forms (eq. 4–8 of the paper, SPEC §1)."""
+"""ALRLoss against closed forms (eq. 4–8 of the paper; docs/deviations.md#alrs-loss)."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_slr_and_baseline_equal_torch_cross_entropy(eps: float):
 
 
 def test_alr_with_frozen_zero_S():
-    """SPEC §1 / §3.2: S = 0 makes every residual label uniform; L_upd = log(K−1); L_res pushes to uniform."""
+    """§3.2 "Initialization": S = 0 makes every residual label uniform; L_upd = log(K−1); L_res pushes to uniform."""
     K, B = 10, 16
     logits, y = _batch(B, K)
     crit = ALRLoss(K)

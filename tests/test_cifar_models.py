@@ -1,4 +1,4 @@
-"""The CIFAR backbones: exact parameter counts (SPEC §2), logits' shape, and their configs."""
+"""The CIFAR backbones: exact parameter counts (docs/deviations.md#models), logits' shape, and their configs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from alr.models.wide_resnet import WideResNet
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# (config, class, parameters at K=10, at K=100), from SPEC §2.
+# (config, class, parameters at K=10, at K=100), from docs/deviations.md#models.
 MODELS = [
     ("preact_resnet18", PreActResNet18, 11_172_170, 11_218_340),
     ("wrn28_10", WideResNet, 36_479_194, 36_536_884),

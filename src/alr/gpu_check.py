@@ -87,8 +87,9 @@ class Backbone:
     eval_batch_size: int
 
 
-# The K and batch of the table that trains each backbone (SPEC §2); CIFAR backbones at K=100, the
-# dearer of the two for ALR's loss. ResNet-50 stands for Table 2's family (101/152 are not timed).
+# The K and batch of the table that trains each backbone (docs/deviations.md#recipes-and-reporting); CIFAR
+# backbones at K=100, the dearer of the two for ALR's loss. ResNet-50 stands for Table 2's family (101/152
+# are not timed).
 BACKBONES = (
     Backbone("preact_resnet18", 32, 100, 128, 1000),  # Table 1
     Backbone("wrn28_10", 32, 100, 128, 1000),  # Tables 1 and 4

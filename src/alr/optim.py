@@ -1,10 +1,10 @@
-"""Optimizer and schedule of the ImageNet recipe (SPEC §2, Table 2): the linear scaling rule and warm-up.
+"""Optimizer and schedule of the ImageNet recipe (Table 2): the linear scaling rule and warm-up.
 
-SPEC §2: SGD with momentum 0.9, learning rate 0.1 for a global batch of 256 images, scaled to
-``0.1 · B / 256`` for a global batch ``B``; a batch larger than 256 adds 5 linear warm-up epochs
-(Goyal et al. 2017), after which the rate drops ×0.1 at epochs 30, 60 and 80. The trainer steps the
-schedule once per epoch, so the warm-up rises per epoch (``(e + 1) / warmup`` of the rate in epoch
-``e``), not per step as Goyal et al. do.
+As docs/deviations.md#table-2-imagenet sets it: SGD with momentum 0.9, learning rate 0.1 for a global
+batch of 256 images, scaled to ``0.1 · B / 256`` for a global batch ``B``; a batch larger than 256 adds
+5 linear warm-up epochs (Goyal et al. 2017), after which the rate drops ×0.1 at epochs 30, 60 and 80.
+The trainer steps the schedule once per epoch, so the warm-up rises per epoch (``(e + 1) / warmup`` of
+the rate in epoch ``e``), not per step as Goyal et al. do.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""CIFAR-10 and CIFAR-100 from torchvision's on-disk layout (SPEC §3).
+"""CIFAR-10 and CIFAR-100 from torchvision's on-disk layout (docs/deviations.md#data).
 
 The pickled batches (``cifar-10-batches-py/`` or ``cifar-100-python/`` under ``data_dir``) are read
 with numpy; torchvision is used only to download them when asked. Training augmentation is the
-paper's (SPEC §2, Table 1): random crop 32 with 4 pixels of zero padding, then a random horizontal
+paper's (§4.1, Table 1): random crop 32 with 4 pixels of zero padding, then a random horizontal
 flip, then per-channel normalisation.
 
 Two loaders give the same batches in distribution:

@@ -1,7 +1,7 @@
 """scikit-learn's handwritten digits: the embedded default (real data, nothing downloaded).
 
 1,797 real 8×8 grey-level images (values 0–16) of the digits 0–9, shipped inside scikit-learn.
-Split 80/20, stratified, with a fixed seed (SPEC §3); standardised with the training split's
+Split 80/20, stratified, with a fixed seed (docs/deviations.md#data); standardised with the training split's
 mean and standard deviation.
 """
 

@@ -1,13 +1,14 @@
-"""ImageNet-1k (ILSVRC-2012) from a local ImageFolder tree, read by NVIDIA DALI or by torchvision (SPEC §2-3).
+"""ImageNet-1k (ILSVRC-2012) from a local ImageFolder tree, read by NVIDIA DALI or by torchvision.
 
 The tree is ``<data_dir>/<folder>/train/<wnid>/*.JPEG`` and ``.../val/<wnid>/*.JPEG`` (the validation
 images sorted into class folders, as the usual ``valprep.sh`` does). Both splits are scanned once
 into a sorted file list with labels (the sorted class folders, as ``torchvision.datasets.ImageFolder``
 numbers them); both loaders read that one list, so they give the same labels in the same order.
 
-Transforms (SPEC §2, Table 2): training takes a random-resized-crop of ``image_size`` (area 0.08-1,
-aspect 3/4-4/3) and a random horizontal flip; validation resizes the shorter side to ``resize_size``
-and takes the centre ``image_size`` crop. Both normalise with the ImageNet channel mean and std.
+Transforms (Table 2; docs/deviations.md#table-2-imagenet): training takes a random-resized-crop of
+``image_size`` (area 0.08-1, aspect 3/4-4/3) and a random horizontal flip; validation resizes the
+shorter side to ``resize_size`` and takes the centre ``image_size`` crop. Both normalise with the
+ImageNet channel mean and std.
 
 - ``loader=dali``: DALI reads the files and decodes them on the GPU (``device="mixed"``: nvJPEG), or
   on the CPU where no GPU is used (``trainer.device=cpu``: the same pipeline on DALI's CPU operators).

@@ -1,4 +1,4 @@
-"""AG News, Yahoo! Answers and Yelp Review Full (Table 3; SPEC §3), encoded once and cached on disk.
+"""AG News, Yahoo! Answers and Yelp Review Full (Table 3; docs/deviations.md#data), encoded once and cached on disk.
 
 Sources (``source``):
 

@@ -88,7 +88,9 @@ def load_teacher(teacher_run: str | Path | None, dataset: str, num_classes: int)
 
 
 class KnowledgeDistillation(Method):
-    r"""Knowledge distillation (Hinton et al. 2015), the ``kd`` row of ALR's Table 4 (§4.3; SPEC §1).
+    r"""Knowledge distillation (Hinton et al. 2015), the ``kd`` row of ALR's Table 4 (§4.3).
+
+    Settings and choices: docs/deviations.md#the-methods.
 
     .. math:: L = (1-\alpha)\,CE(z_s, y) + \alpha T^2\, KL(\mathrm{softmax}(z_t/T) \,\|\, \mathrm{softmax}(z_s/T))
 
@@ -133,7 +135,9 @@ class KnowledgeDistillation(Method):
 
 
 class DeepMutualLearning(Method):
-    r"""Deep mutual learning (Zhang et al. 2018), the ``dml`` row of ALR's Table 4 (§4.3; SPEC §1).
+    r"""Deep mutual learning (Zhang et al. 2018), the ``dml`` row of ALR's Table 4 (§4.3).
+
+    Settings and choices: docs/deviations.md#the-methods.
 
     A cohort of two networks of one architecture, the run's backbone (network 1) and ``peer``
     (network 2); each minimises

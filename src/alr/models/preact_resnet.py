@@ -2,7 +2,7 @@
 
 CIFAR stem (one 3×3 convolution, no max-pool), four stages of two pre-activation basic blocks
 (64/128/256/512 channels), and the final BN–ReLU that pre-activation networks need before pooling.
-11,172,170 parameters at K=10 and 11,218,340 at K=100 (SPEC §2).
+11,172,170 parameters at K=10 and 11,218,340 at K=100 (docs/deviations.md#models).
 """
 
 from __future__ import annotations

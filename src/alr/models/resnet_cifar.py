@@ -3,7 +3,7 @@
 ResNet-``6n+2``: a 3×3 stem of 16 channels, three stages of ``n`` basic blocks (16/32/64 channels;
 the first block of stages 2 and 3 halves the resolution), global average pooling and a linear
 layer. Shortcuts are parameter-free ("option A"): subsample by 2 and zero-pad the new channels.
-ResNet-32 (n = 5) has 464,154 parameters at K=10 and 470,004 at K=100 (SPEC §2).
+ResNet-32 (n = 5) has 464,154 parameters at K=10 and 470,004 at K=100 (docs/deviations.md#models).
 """
 
 from __future__ import annotations

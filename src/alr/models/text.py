@@ -1,4 +1,4 @@
-"""Text classifiers of Table 3 (SPEC §2): FastText, TextRNN, TextRCNN, CharCNN, Transformer.
+"""Text classifiers of Table 3: FastText, TextRNN, TextRCNN, CharCNN, Transformer.
 
 Word models read ``B×L`` token ids from :mod:`alr.data.text` (0 = ``<pad>``, 1 = ``<unk>``, words from 2;
 ``vocab_size`` counts the words, so each embedding has ``vocab_size + 2`` rows); CharCNN reads ``B×L``
@@ -6,8 +6,8 @@ alphabet ids (0 = no character). Padding never changes an output: pooling and re
 real tokens (masks, packed sequences), and a text's padding is always at its end.
 
 Defaults are those of the widely used PyTorch text-classification code the paper's names and figures
-point at (SPEC §2): embedding 300, dropout 0.5; each original paper's setting is one override away
-(docs/table3-text.md).
+point at (docs/deviations.md#table-3-text): embedding 300, dropout 0.5; each original paper's setting is
+one override away (docs/table3-text.md).
 """
 
 from __future__ import annotations

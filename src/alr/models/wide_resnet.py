@@ -2,7 +2,8 @@
 
 WRN-d-k: a 3×3 stem of 16 channels, three groups of (d − 4)/6 pre-activation blocks of width
 16k/32k/64k, dropout between the two convolutions of each block, a final BN–ReLU, global average
-pooling and a linear layer. WRN-28-10 has 36,479,194 parameters at K=10 and 36,536,884 at K=100 (SPEC §2).
+pooling and a linear layer. WRN-28-10 has 36,479,194 parameters at K=10 and 36,536,884 at K=100
+(docs/deviations.md#models).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ METHOD_COST: dict[str, tuple[str, float]] = {
     "slr": ("baseline", 1.0),
     "alr": ("alr_s", 1.0),
     "alr_s": ("alr_s", 1.0),
-    "dml": ("baseline", 2.0),  # two networks of the run's architecture, each a full step (SPEC §1)
+    "dml": ("baseline", 2.0),  # two networks of one architecture, each a full step (docs/deviations.md#the-methods)
 }
 SETTING_KEYS = ("precision", "channels_last", "compile")
 
