@@ -1,4 +1,6 @@
-"""Item 5: images per second of ``preact_resnet18`` CIFAR training on a GPU, and the fraction of the compute floor.
+"""Images per second of ``preact_resnet18`` CIFAR training on a GPU, and the fraction of the compute floor.
+
+Section 5 of ``results/bench.md`` (``make bench``).
 
 Training FLOPs per image come from ``torch.utils.flop_counter.FlopCounterMode`` over one forward
 and backward (convolutions and matrix products, the work tensor cores do; normalisation and

@@ -1,4 +1,6 @@
-"""Item 6 (issue 12): the text loader's tokenised rows per second, and training samples per second per text model.
+"""The text loader's tokenised rows per second, and training samples per second per text model.
+
+Section 7 of ``results/bench.md`` (``make bench``).
 
 Loader: an AG News-layout CSV of ``--rows`` training rows (sentences of :mod:`alr.data.samples`, every
 quirk of the release) plus a tenth as many test rows, read by :func:`alr.data.text.load_encoded`: the

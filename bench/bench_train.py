@@ -1,4 +1,6 @@
-"""Items 2 and 3: per-step time of the suite's trainer with ``alr_s`` and ``baseline``, and of a bare loop.
+"""Per-step time of the suite's trainer with ``alr_s`` and ``baseline``, and of a bare loop.
+
+Section 2-3 of ``results/bench.md`` (``make bench``).
 
 Three variants, each a fresh run of ``--steps`` training steps of the same backbone on the same
 batches (synthetic files in CIFAR-10's on-disk format, the suite's on-device loader), in rotating
@@ -52,7 +54,7 @@ from torch.profiler import ProfilerActivity, profile
 from alr.trainer import DTYPES, fit, seed_everything
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TARGET_METHOD = 0.01  # issue 6: alr_s within 1 % of baseline per step
+TARGET_METHOD = 0.01  # the suite's target (docs/speed.md): alr_s within 1 % of baseline per step
 TARGET_TRAINER = 0.95  # and the trainer at least 0.95 of a bare loop's steps per second
 
 _stamps: list[float] = []  # filled by TimedBatches, read after each run

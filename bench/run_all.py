@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     targets = [line[len("target ") :] for part in parts for line in part.splitlines() if line.startswith("target ")]
-    summary = ["### Targets (issue 6)", "", *(f"- {t}" for t in targets), ""]
+    summary = ["### Targets", "", *(f"- {t}" for t in targets), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(header + summary) + "\n" + "\n".join(parts))
     print(f"wrote {args.out}")

@@ -40,7 +40,7 @@ def test_bench_driver_writes_every_section(tmp_path):
     ):
         assert figure in report
     assert "### Targets" in report
-    assert report.count("\ntarget ") == 7  # item 1 three targets; items 2 and 3 by step times and by op accounting
+    assert report.count("\ntarget ") == 7  # 3 of the loss; method and trainer, by step times and by ops
 
 
 def test_op_accounting_charges_each_extra_call_at_its_own_mean_and_the_missing_ones_against():
