@@ -271,3 +271,37 @@ def test_fused_path_is_stable_when_the_target_probability_rounds_to_one():
     torch.testing.assert_close(logits.grad, z.grad)
     torch.testing.assert_close(crit.S.grad, S.grad)
     assert crit.S.grad.abs().sum() > 0  # q_res (uniform) differs from p_res: S learns even here
+
+
+def test_alr_under_a_process_group_copies_nothing_from_the_host_at_a_step(tmp_path):
+    """The global counts are made on the device: no tensor from host data, no read back (a GPU sync each).
+
+    One process in a gloo group takes the branch several processes take; every op of the forward and the
+    backward is recorded. ``aten.lift_fresh`` is a tensor made from Python data (a host-to-device copy on a
+    GPU), ``_local_scalar_dense`` a read back (``.item()``). The same step under CUDA's sync debug mode is a
+    ``gpu`` test (tests/test_gpu.py).
+    """
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        criterion = ALRLoss(num_classes=5)
+        logits = torch.randn(8, 5, requires_grad=True)
+        targets = torch.randint(0, 5, (8,))
+        criterion(logits, targets)  # a first step outside the recording
+        with Ops() as ops:
+            criterion(logits, targets).backward()
+    finally:
+        dist.destroy_process_group()
+    assert any("allreduce" in name for name in ops.names)  # the several-process branch ran
+    assert not {"aten.lift_fresh", "aten._local_scalar_dense", "aten.item"} & set(ops.names), ops.names

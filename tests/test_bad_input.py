@@ -135,7 +135,7 @@ def test_foreign_checkpoint_not_a_torch_file(stopped):
 
 
 def test_checkpoint_from_another_version_of_the_suite(stopped):
-    ckpt = torch.load(stopped / "last.pt", weights_only=False)
+    ckpt = torch.load(stopped / "last.pt", weights_only=True)
     ckpt["config"]["config_version"], ckpt["alr_version"] = 0, "0.0.1"
     torch.save(ckpt, stopped / "last.pt")
     msg = refused(stopped, CheckpointError, "method=baseline", "trainer.epochs=1")
@@ -144,7 +144,7 @@ def test_checkpoint_from_another_version_of_the_suite(stopped):
 
 
 def test_checkpoint_of_another_model(stopped):
-    ckpt = torch.load(stopped / "last.pt", weights_only=False)
+    ckpt = torch.load(stopped / "last.pt", weights_only=True)
     ckpt["model"] = {k: v[..., :1] if v.dim() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, stopped / "last.pt")
     msg = refused(stopped, CheckpointError, "method=baseline", "trainer.epochs=1")

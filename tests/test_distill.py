@@ -93,7 +93,7 @@ def test_kd_teacher_is_the_finished_run_frozen_and_outside_the_state(teacher):
     cfg = compose("method=kd", f"method.teacher_run={teacher}")
     kd = instantiate(cfg.method.module)
     assert isinstance(kd, KnowledgeDistillation) and (kd.alpha, kd.temperature) == (0.9, 4.0)
-    weights = torch.load(teacher / "last.pt", weights_only=False)["model"]
+    weights = torch.load(teacher / "last.pt", weights_only=True)["model"]
     for name, value in kd.teacher.state_dict().items():
         assert torch.equal(value, weights[name]), name
     assert not kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
@@ -105,12 +105,12 @@ def test_kd_teacher_is_the_finished_run_frozen_and_outside_the_state(teacher):
 def test_kd_and_dml_train_end_to_end(tmp_path, teacher):
     result = fit(compose("method=kd", f"method.teacher_run={teacher}", *FAST), tmp_path / "kd")
     assert result["status"] == "finished" and result["params"]["method"] == 0
-    ckpt = torch.load(tmp_path / "kd" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "kd" / "last.pt", weights_only=True)
     assert ckpt["method"] == {} and len(ckpt["optimizer"]["param_groups"]) == 1
 
     result = fit(compose("method=dml", *FAST), tmp_path / "dml")
     assert result["params"]["method"] == result["params"]["backbone"]
-    ckpt = torch.load(tmp_path / "dml" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "dml" / "last.pt", weights_only=True)
     assert all(k.startswith("peer.") for k in ckpt["method"]) and ckpt["method"]
     (_, peer_group) = ckpt["optimizer"]["param_groups"]
     assert peer_group["weight_decay"] == 5e-4

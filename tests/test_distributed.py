@@ -68,8 +68,8 @@ def test_torchrun_two_processes_agree_count_validation_once_and_resume_bit_ident
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming" in again.stdout and "after step 2 of epoch 1" in again.stdout
 
-    a = torch.load(run / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "default" / run.name / "last.pt", weights_only=False)
+    a = torch.load(run / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "default" / run.name / "last.pt", weights_only=True)
     for part in ("model", "method"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key}"
@@ -101,3 +101,61 @@ def test_a_slurm_task_started_by_submitit_finds_its_rank_and_the_master(monkeypa
     _export_slurm_environment()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
     assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) >= 20000
+
+
+def _partial_sums_worker(rank: int, size: int, folder: str) -> None:
+    """Rank ``rank`` of a gloo group: 5 steps of running sums, saved as the trainer saves them, then read back."""
+    import torch.distributed as dist
+
+    from alr.distributed import World
+    from alr.methods.supervised import StepOutput
+    from alr.trainer import _EpochTotals
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank, world_size=size)
+    try:
+        world = World(torch.device("cpu"), rank, size)
+        totals = _EpochTotals(world.device, size)
+        g = torch.Generator().manual_seed(rank)  # each rank's own losses: their sums differ in every bit
+        for step in range(5):
+            terms = {"L_hard": torch.rand((), generator=g), "w": torch.rand((), generator=g)}
+            out = StepOutput(torch.rand((), generator=g), torch.randn(4, 3, generator=g), terms)
+            totals.add(step, out, torch.randint(0, 3, (4,), generator=g))
+        shares = world.gather(totals.state_dict())
+        if world.main:
+            torch.save({"partial": shares}, f"{folder}/last.pt")
+        world.barrier()
+        resumed = _EpochTotals(world.device, size)
+        exact = resumed.load_state_dict(torch.load(f"{folder}/last.pt", weights_only=True)["partial"], world)
+        torch.save(
+            {"exact": exact, "before": totals.state_dict(), "after": resumed.state_dict()}, f"{folder}/{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_resumes_its_own_partial_sums_bit_for_bit(tmp_path: Path):
+    """By construction, not by luck: at the stop step every rank's running sums come back as they were, so a
+    resumed epoch makes the same float additions as an uninterrupted one on any CPU. Another process count
+    takes their total on rank 0 (and says it is not exact)."""
+    import torch.multiprocessing as mp
+
+    from alr.distributed import World
+    from alr.trainer import _EpochTotals
+
+    mp.spawn(_partial_sums_worker, args=(2, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["exact"] is True
+        for key, value in rank["before"].items():
+            same = (
+                torch.equal(value, rank["after"][key])
+                if isinstance(value, torch.Tensor)
+                else value == rank["after"][key]
+            )
+            assert same, key
+    assert not torch.equal(ranks[0]["before"]["sums"], ranks[1]["before"]["sums"])  # not all-reduced totals
+
+    shares = torch.load(tmp_path / "last.pt", weights_only=True)["partial"]
+    one = _EpochTotals(torch.device("cpu"))
+    assert one.load_state_dict(shares, World(torch.device("cpu"))) is False  # 2 processes saved, 1 resumes
+    assert torch.equal(one.sums, shares[0]["sums"] + shares[1]["sums"]) and one.seen == 40

@@ -46,7 +46,7 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
     finally:
         proc.kill()
     done = [int(v) for v in ["1", *proc.stdout.read().split()]]
-    ckpt = torch.load(path, weights_only=False)  # still loads: the half-written file is elsewhere
+    ckpt = torch.load(path, weights_only=True)  # still loads: the half-written file is elsewhere
     assert ckpt["version"] in (done[-1], done[-1] + 1)  # the last complete save (or one renamed just now)
     assert torch.equal(ckpt["data"], torch.full((8_000_000,), float(ckpt["version"])))
     assert all(p.name.startswith(".last.pt.") and p.suffix == ".tmp" for p in stale_temporaries(path))
@@ -91,7 +91,7 @@ def test_divergence_stops_the_run_keeps_the_last_good_checkpoint_and_the_sweep_g
     assert "Traceback" not in proc.stderr
     result = json.loads((bad / "result.json").read_text())
     assert result["status"] == "failed" and "epoch 2, step 2" in result["error"]
-    ckpt = torch.load(bad / "last.pt", weights_only=False)
+    ckpt = torch.load(bad / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 0)  # nothing from the diverged epoch was saved
     assert [json.loads(s)["epoch"] for s in (bad / "metrics.jsonl").read_text().splitlines()] == [1]
 

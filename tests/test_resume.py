@@ -43,8 +43,8 @@ def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
 
 
 def _assert_bit_identical(straight: Path, resumed: Path) -> None:
-    a = torch.load(straight / "last.pt", weights_only=False)
-    b = torch.load(resumed / "last.pt", weights_only=False)
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
     for key in ("model", "method", "optimizer", "scheduler", "scaler", "epoch", "step", "best"):
         _assert_same_state(a[key], b[key], key)
     assert _metrics(straight) == _metrics(resumed)
@@ -65,7 +65,7 @@ def test_baseline_killed_after_epoch_1_then_resumed_is_bit_identical(tmp_path):
     proc = run_train(*overrides, out=out, check=False, env={"ALR_FAULT": "kill@2:0"})
     assert proc.returncode == -signal.SIGKILL
     run_dir = _run_dir(out, "baseline")
-    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert [m["epoch"] for m in _metrics(run_dir)] == [1]
 
     proc = run_train(*overrides, out=out)
@@ -81,15 +81,15 @@ def test_alr_killed_after_epoch_1_then_stopped_mid_epoch_2_then_resumed_is_bit_i
     run_dir = _run_dir(out, "alr")
     proc = run_train(*overrides, out=out, check=False, env={"ALR_FAULT": "kill@2:0"})
     assert proc.returncode == -signal.SIGKILL
-    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
 
     # Resumed, then SIGTERM at step 2 of epoch 2 (the first epoch this process trains): the trainer
     # finishes the step, writes last.pt with the step and the epoch's running sums, and exits.
     proc = run_train(*overrides, out=out, check=False, env={"ALR_FAULT": "term@1:1"})
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert "stopped by SIGTERM after step 2 of epoch 2" in proc.stderr and "Traceback" not in proc.stderr
-    ckpt = torch.load(run_dir / "last.pt", weights_only=False)
-    assert (ckpt["epoch"], ckpt["step"]) == (1, 2) and ckpt["partial"]["seen"] == 64
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2) and ckpt["partial"][0]["seen"] == 64
     assert json.loads((run_dir / "result.json").read_text())["status"] == "running"
     assert [m["epoch"] for m in _metrics(run_dir)] == [1]
 

@@ -134,7 +134,7 @@ def test_dml_stopped_mid_epoch_resumes_bit_exact_with_both_networks_state(tmp_pa
     run_dir = tmp_path / "stopped"
     with pytest.raises(Interrupted, match="after step 2 of epoch 2"):
         fit(compose("method=dml", *FAST), run_dir)
-    ckpt = torch.load(run_dir / "last.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
     # Every parameter of both networks has its own momentum buffer in the one optimizer's state.
     n_params = len(list(instantiate(compose("method=dml").model).parameters()))
@@ -142,8 +142,8 @@ def test_dml_stopped_mid_epoch_resumes_bit_exact_with_both_networks_state(tmp_pa
     monkeypatch.setattr(DeepMutualLearning, "train_step", real_step)
     assert fit(compose("method=dml", *FAST), run_dir)["status"] == "finished"
 
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(run_dir / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(run_dir / "last.pt", weights_only=True)
     for key in ("model", "method", "optimizer", "scheduler", "epoch", "step", "best"):
         _assert_same_state(a[key], b[key], key)
     result = json.loads((run_dir / "result.json").read_text())
@@ -280,12 +280,36 @@ def test_make_reproduce_table4_trains_the_teachers_first():
     assert "wait $p" in sharded[0]  # every shard of the teachers ends before the grid's sweep starts
 
 
-def test_only_dml_in_turn_says_it_updates_in_turn():
-    """The trainer refuses a method that updates its networks in turn under several processes (DDP)."""
-    from torch import nn
+def test_only_dml_trains_a_network_of_its_own():
+    """What the trainer refuses under several processes (DDP keeps only the backbone equal on every rank)."""
+    from alr.methods import CrossEntropy, Supervised
 
-    from alr.methods import CrossEntropy, DeepMutualLearning, Supervised
+    for update in DeepMutualLearning.UPDATES:
+        assert list(DeepMutualLearning(nn.Linear(2, 2), update=update).networks()) == ["net2"]
+    assert Supervised(CrossEntropy()).networks() == {}
 
-    assert DeepMutualLearning(nn.Linear(2, 2), update="alternate").updates_in_turn
-    assert not DeepMutualLearning(nn.Linear(2, 2), update="simultaneous").updates_in_turn
-    assert not Supervised(CrossEntropy()).updates_in_turn
+
+@pytest.mark.parametrize("update", DeepMutualLearning.UPDATES)
+def test_dml_is_refused_under_several_processes_whichever_its_update(tmp_path: Path, update: str):
+    """Simultaneous DML too: its peer would be outside DDP, with batch-norm statistics of its own on each rank."""
+    from alr.errors import RunError
+    from test_imagenet import write_tree
+
+    write_tree(tmp_path / "imagenet", train_per_class=2, val_per_class=1)
+    cfg = compose(
+        "dataset=imagenet",
+        "dataset.num_classes=3",
+        "dataset.image_size=32",
+        "dataset.resize_size=36",
+        "dataset.loader=torchvision",
+        "dataset.num_workers=0",
+        f"dataset.data_dir={tmp_path}",
+        "model=digits_cnn",
+        "+model.in_channels=3",
+        "method=dml",
+        f"method.update={update}",
+        "debug=fast",
+        "trainer.batch_size=4",
+    )
+    with pytest.raises(RunError, match=r"trains a network of its own beside the backbone \(net2\)"):
+        Parts(cfg, World(torch.device("cpu"), rank=0, size=2))  # refused before any process group is needed

@@ -3,6 +3,14 @@
 A checkpoint is written to a hidden temporary file beside its destination (``.last.pt.<random>.tmp``),
 flushed and fsynced, then renamed over the destination, which POSIX makes atomic. A reader only ever
 opens the destination name, so a half-written temporary file is never taken for a checkpoint.
+
+Checkpoints are read with ``torch.load(weights_only=True)``, to the CPU: a ``last.pt`` holds tensors, numbers,
+strings and plain containers only (the RNG states included, see :func:`alr.trainer.rng_state`), so a file that
+carries anything else (a pickled callable, say: a shared teacher run, a run folder on a shared disk) is refused
+before any of it runs. The one exception allowed is numpy's array reconstruction, which checkpoints of alr 0.1.0
+hold for numpy's RNG state: an array is data, not code. Loading to the CPU and letting ``load_state_dict`` copy
+into the model's tensors works from any device to any device (a checkpoint of ``cuda:3`` resumes on ``cuda:0``
+or on a CPU), and RNG states must be CPU tensors anyway.
 """
 
 from __future__ import annotations
@@ -10,12 +18,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import alr
@@ -79,13 +90,27 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     _atomic(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint the trainer wrote; :class:`CheckpointError` says why another file cannot be used."""
+# numpy's RNG state in checkpoints of alr 0.1.0: an array of uint32 (data, no code), allowed by name.
+_NUMPY_ARRAY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint the trainer wrote, to the CPU; :class:`CheckpointError` says why another file can't be used."""
     path = Path(path)
     fresh = "Move it away (or delete the run folder) to train from scratch, or set trainer.resume=false."
     try:
-        # Not weights_only: the checkpoint holds numpy and Python RNG states. Only load your own runs.
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if (found := re.search(r"GLOBAL ([\w.]+)", str(e))) is None:
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (UnpicklingError: {_last_line(e)}); it may be truncated or "
+                f"not written by this suite. {fresh}"
+            ) from None
+        raise CheckpointError(
+            f"{path} holds an object that is not data ({found.group(1)}): loading it could run code, so it is "
+            f"refused and nothing in it ran. Use checkpoints this suite wrote. {fresh}"
+        ) from None
     except Exception as e:
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
@@ -102,6 +127,12 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
             "another folder (a different experiment_name or hydra.run.dir)."
         )
     return ckpt
+
+
+def _last_line(error: Exception) -> str:
+    """The line of torch's long unpickling message that says what failed."""
+    lines = [line for line in str(error).splitlines() if line.strip() and "documentation" not in line]
+    return (lines[-1] if lines else type(error).__name__)[:120]
 
 
 def write_json(obj: Any, path: Path) -> None:

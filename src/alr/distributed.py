@@ -1,8 +1,8 @@
 """One run in several processes: set-up from torchrun's or SLURM's environment, reductions, rank-0 writing.
 
 A run started by ``torchrun --nproc_per_node=N -m alr.train ...`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set)
-or as the N tasks of a SLURM job through Hydra's submitit launcher (``hydra.launcher.tasks_per_node=N``:
-submitit's :class:`~submitit.helpers.TorchDistributedEnvironment` exports the same variables) trains with
+or as the N tasks of a SLURM job step (Hydra's submitit launcher with ``hydra.launcher.tasks_per_node=N``,
+or ``srun -n N``: :func:`setup` derives the same variables from SLURM's own) trains with
 ``DistributedDataParallel``: NCCL on CUDA (process ``i`` on ``cuda:LOCAL_RANK``), gloo on the CPU.
 Without either, :func:`setup` returns a one-process :class:`World` whose reductions do nothing.
 
@@ -24,11 +24,14 @@ import atexit
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from alr.errors import RunError
 
 
 def initialized() -> bool:
@@ -71,6 +74,25 @@ class World:
         t = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (``None`` on the others; ``[obj]`` in one process).
+
+        The way to save state that differs between ranks (an epoch's partial sums, RNG states): a checkpoint
+        holds the list, and on resume each rank takes its own entry back with :meth:`own_share`. Tensors are
+        moved to the CPU first, so rank 0 can hold another GPU's. A collective: every rank calls it.
+        """
+        obj = _to_cpu(obj)
+        if not self.distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.size if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def own_share(self, shares: list[Any]) -> Any | None:
+        """This rank's entry of a list :meth:`gather` saved; ``None`` where another process count saved it
+        (the owner of the state then decides how to merge the entries)."""
+        return shares[self.rank] if len(shares) == self.size else None
 
     def barrier(self) -> None:
         if self.distributed:
@@ -121,17 +143,75 @@ class World:
         return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
 
-def _export_slurm_environment() -> None:
-    """Inside a multi-task SLURM job started by submitit, export RANK, WORLD_SIZE, MASTER_ADDR... for torch."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    try:
-        from submitit.helpers import TorchDistributedEnvironment
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (in dicts, lists and tuples) moved to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
-        # Every task keeps seeing the node's GPUs: _device picks its own by LOCAL_RANK.
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    except (ImportError, RuntimeError):  # not a submitit job (a plain srun): start it with torchrun instead
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _slurm_step_tasks() -> int:
+    """How many tasks the SLURM job step of this process has (0 outside a step).
+
+    Not ``SLURM_NTASKS``: that is the job's, which a batch script of one process (``sbatch --ntasks=N``)
+    has too. Only a submitit job, always one ``srun`` step of all the job's tasks, may fall back on it.
+    """
+    env = os.environ
+    if "SLURM_PROCID" not in env:
+        return 0
+    if "SLURM_STEP_NUM_TASKS" in env:
+        return int(env["SLURM_STEP_NUM_TASKS"])
+    return int(env.get("SLURM_NTASKS", "1")) if env.get("SUBMITIT_EXECUTOR") == "slurm" else 1
+
+
+def _export_slurm_environment() -> None:
+    """In a SLURM job step of several tasks, set torch's RANK, WORLD_SIZE, MASTER_ADDR... from SLURM's own.
+
+    SLURM hands the submitting shell's environment on to the job, so torch's variables found here may be
+    stale (a ``MASTER_PORT`` exported for another run): they are overwritten, unless torchrun set them
+    (``srun torchrun ...``: torchrun, not SLURM, started this process). Either way every task ends up in one
+    process group; N tasks never train N copies of the run into one folder.
+    """
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
         return
+    tasks = _slurm_step_tasks()
+    if tasks == 1 and int(env.get("WORLD_SIZE", "1")) > 1:
+        raise RunError(
+            f"WORLD_SIZE={env['WORLD_SIZE']} is set, but this process is the only task of its SLURM job step "
+            "and torchrun did not start it: the variable came from the shell that submitted the job. Unset "
+            "WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT there, or run N tasks (hydra.launcher.tasks_per_node=N)."
+        )
+    if tasks <= 1:
+        return
+
+    class Step(SlurmJobEnvironment):  # submitit's node-list parser, on the step's nodes
+        _env = {**SlurmJobEnvironment._env, "nodes": "SLURM_STEP_NODELIST"}
+
+    step = Step() if env.get("SLURM_STEP_NODELIST") else SlurmJobEnvironment()
+    # One port per job step, away from torchrun's default 29500: a requeued job reuses its own.
+    port = 20000 + (int(env["SLURM_JOB_ID"]) * 16 + int(env.get("SLURM_STEP_ID", "0"))) % 40000
+    derived = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(tasks),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": step.hostnames[0],
+        "MASTER_PORT": str(port),
+    }
+    stale = [f"{k}={env[k]}" for k in TORCHRUN_VARIABLES if k in env and env[k] != derived.get(k)]
+    if stale and derived["RANK"] == "0":
+        print(f"[alr] SLURM job step of {tasks} tasks: ignoring {', '.join(stale)} (from the submitting shell)")
+    env.pop("LOCAL_WORLD_SIZE", None)  # not derived (nothing here reads it): not left stale either
+    env.update(derived)
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -150,6 +230,11 @@ def setup(device: str) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World(_device(device, 0))
+    if missing := [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]:
+        raise RunError(
+            f"WORLD_SIZE={size} is set but {', '.join(missing)} not: start the processes with torchrun "
+            "(torchrun --nproc_per_node=N -m alr.train ...) or as SLURM tasks, or unset WORLD_SIZE to train in one."
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     world = World(_device(device, local_rank), rank, size, local_rank)
     if not initialized():

@@ -58,7 +58,7 @@ from alr.checkpoint import (
 from alr.distributed import World, all_reduce_sum, setup
 from alr.errors import CheckpointError, RunError, RunFolderConflict
 from alr.loggers import NoLogger, build_logger
-from alr.preempt import StopOnSignal
+from alr.preempt import Interrupted, StopOnSignal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,19 +107,61 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators, in types ``torch.load(weights_only=True)`` reads.
+
+    Python's state is a tuple of ints; numpy's key array becomes an int64 tensor; torch's CPU state is a CPU
+    byte tensor, and so is the CUDA state of this process's own device (``torch.cuda.get_rng_state(device)``,
+    not every visible GPU's: a resume may see fewer GPUs, or be another device's process).
+    """
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device, path: Path) -> None:
+    """Restore :func:`rng_state` (or a checkpoint of alr 0.1.0's form). Every state is checked before any is
+    set: one that is not a CPU tensor of the right type is a one-line :class:`CheckpointError` naming it."""
+
+    def on_cpu(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor:
+        if not (isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dtype == dtype):
+            what = (
+                f"a {value.dtype} tensor on {value.device}" if isinstance(value, torch.Tensor) else type(value).__name__
+            )
+            raise CheckpointError(
+                f"{path}: its {name} RNG state is {what}, not a CPU {dtype} tensor (was the file loaded to another "
+                "device and saved again?). Move it away to train from scratch, or set trainer.resume=false."
+            )
+        return value
+
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = on_cpu("numpy", numpy_state["key"], torch.int64).numpy().astype(np.uint32)
+        numpy_state = (numpy_state["kind"], key, *(numpy_state[k] for k in ("pos", "has_gauss", "cached_gaussian")))
+    cpu = on_cpu("torch", state["torch"], torch.uint8)
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # alr 0.1.0 saved every visible GPU's state: take this device's, if it was saved
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if device.type != "cuda":  # a GPU run resumed on the CPU: the CUDA state has no generator to go to
+        cuda = None
+    cuda = None if cuda is None else on_cpu("cuda", cuda, torch.uint8)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 @torch.no_grad()
@@ -129,8 +171,11 @@ def evaluate(
     """Top-1 (and top-5 where K > 5) accuracy in percent, and the mean cross entropy.
 
     Under several processes each rank evaluates its own shard and the counts are summed over ranks, so
-    every test image counts once (``limit`` caps the batches of each rank). A method scored by several
-    networks (DML) gets each one's metrics as ``test/<name>/...`` and, as ``test/...``, their mean.
+    every test image counts once (``limit`` caps the batches of each rank). That sum is one model's score
+    because every rank holds the same one: the backbone's weights are DDP's, its batch-norm statistics rank
+    0's (broadcast before this call), and a method that trains a network of its own (``Method.networks``)
+    is refused under several processes. A method scored by several networks (DML, in one process) gets
+    each one's metrics as ``test/<name>/...`` and, as ``test/...``, their mean.
     """
     model.eval()
     method.eval()
@@ -140,7 +185,7 @@ def evaluate(
     for x, y in islice(batches.epoch(0), limit):
         with autocast():
             outputs = method.predictions(model, x)
-        if not names:  # (a rank with an empty shard keeps one row: several networks are refused under DDP)
+        if not names:  # (a rank with an empty shard keeps one row: several networks run in one process only)
             names, sums = list(outputs), torch.zeros(len(outputs), 3, dtype=torch.float64, device=device)
         for i, logits in enumerate(outputs.values()):
             logits = logits.float()
@@ -331,19 +376,39 @@ class _EpochTotals:
         out.seen = int(all_reduce_sum(torch.tensor(self.seen, device=self.sums.device)))
         return out
 
+    FIELDS = ("names", "sums", "bad_terms", "correct", "first_bad", "seen", "seconds")
+
     def state_dict(self) -> dict[str, Any]:
-        """The running sums over all ranks (collective: every rank calls it)."""
-        totals = self.reduced()
+        """This rank's own running sums, on the CPU (a checkpoint gathers one per rank: :meth:`World.gather`)."""
         return {
-            k: getattr(totals, k) for k in ("names", "sums", "bad_terms", "correct", "first_bad", "seen", "seconds")
+            k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in ((k, getattr(self, k)) for k in self.FIELDS)
         }
 
-    def load_state_dict(self, state: dict[str, Any], main: bool = True) -> None:
-        """Start from the sums of a checkpoint (rank 0) or from zeros with its term names (other ranks)."""
-        for key, value in state.items():
-            setattr(self, key, value)
-        if not main:
-            self.sums, self.correct, self.seen = torch.zeros_like(self.sums), torch.zeros_like(self.correct), 0
+    def load_state_dict(self, shares: list[dict[str, Any]], world: World) -> bool:
+        """Resume from a checkpoint's per-rank sums; whether this rank continues bit for bit.
+
+        With the process count that saved them, each rank takes its own share: every later float32 addition
+        is then the one the uninterrupted run makes, on any CPU or GPU. With another count (allowed: the
+        global batch is the same), rank 0 takes the shares' total and the others start from zero, so the
+        epoch's logged averages may differ from an uninterrupted run's in the last bits.
+        """
+        own = world.own_share(shares)
+        state = own if own is not None else dict(shares[0])
+        if own is None:
+            if world.main:
+                for key in ("sums", "correct"):
+                    state[key] = torch.stack([share[key] for share in shares]).sum(dim=0)
+                state["seen"] = sum(share["seen"] for share in shares)
+            else:
+                state |= {
+                    "sums": torch.zeros_like(state["sums"]),
+                    "correct": torch.zeros_like(state["correct"]),
+                    "seen": 0,
+                }
+        for key in self.FIELDS:
+            value = state[key]
+            setattr(self, key, value.to(self.sums.device) if isinstance(value, torch.Tensor) else value)
+        return own is not None
 
 
 def where(epoch: int, step: int) -> str:
@@ -394,10 +459,12 @@ class Parts:
             )
         self.model = _build(cfg.model, f"model '{cfg.model_name}'").to(device)
         self.method = _build(cfg.method.module, f"method '{cfg.method.name}'").to(device)
-        if world.distributed and self.method.updates_in_turn:
+        if world.distributed and (networks := self.method.networks()):
             raise RunError(
-                f"method '{cfg.method.name}' updates its networks in turn, which this suite does not run under "
-                "several processes. Run it in one process (without torchrun or SLURM tasks_per_node)."
+                f"method '{cfg.method.name}' trains a network of its own beside the backbone ({', '.join(networks)}), "
+                "which this suite runs in one process only (outside DistributedDataParallel it would differ from "
+                "rank to rank). Run it without torchrun or SLURM tasks_per_node; GPUS=0,1,... trains several runs "
+                "side by side."
             )
         self.channels_last = bool(t.channels_last) and device.type == "cuda"
         if self.channels_last:  # 4-D weights only: the backbone and DML's peer
@@ -409,7 +476,7 @@ class Parts:
         world.broadcast(self.method)
         self.method_params = [p for p in self.method.parameters() if p.requires_grad]
         groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.optim.weight_decay}]
-        if self.method_params:  # ALR's S, DML's peer: their own group, with the method's weight decay (SPEC §1)
+        if self.method_params:  # ALR's S, DML's peer: own group, own weight decay (docs/deviations.md#the-methods)
             groups.append({"params": self.method_params, "weight_decay": cfg.method.weight_decay})
         self.optimizer = instantiate(cfg.optim.optimizer)(groups)
         self.scheduler = instantiate(cfg.optim.scheduler)(self.optimizer)
@@ -497,7 +564,7 @@ def _train_epoch(
     totals = _EpochTotals(parts.device, world.size)
     skip = progress.step if epoch == progress.epoch else 0
     if skip:  # the method's own state came back with method.state_dict()
-        totals.load_state_dict(progress.partial, main=world.main)
+        totals.load_state_dict(progress.partial, world)
     else:
         method.start_epoch()
     t0 = time.perf_counter()
@@ -604,13 +671,19 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     parts = Parts(cfg, world)
     progress = Progress()
     if t.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=parts.device)
+        ckpt = load_checkpoint(ckpt_path)  # to the CPU: load_state_dict copies onto the device
         parts.load_state_dict(ckpt, ckpt_path)
-        set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank (alr 0.1.0: rank 0's)
+        set_rng_state(world.own_share(rng) or rng[0], parts.device, ckpt_path)
         progress = Progress(ckpt)
         if world.main:  # the global batch is the same (a config key), so another process count trains the same steps
             before = ckpt.get("world_size", 1)
             moved = f", on {world.size} processes instead of {before}" if before != world.size else ""
+            if moved and progress.step:
+                moved += (
+                    f" (epoch {progress.epoch + 1}'s logged averages then differ from an uninterrupted run's "
+                    "in the last bits)"
+                )
             print(f"[alr] resuming {run_dir} after {where(progress.epoch, progress.step)}{moved}")
 
     # --- the run folder: from here on files are written, by rank 0 only ---
@@ -630,7 +703,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def save(epoch: int, step: int, totals: _EpochTotals | None) -> None:
         """``last.pt`` after ``epoch`` whole epochs and ``step`` steps of the next one."""
         state = {**parts.state_dict(), **progress.state_dict(), "epoch": epoch, "step": step}
-        state.update(partial=totals.state_dict() if totals else None, rng=rng_state(), config=plain_cfg)
+        # What differs between ranks is saved once per rank (a collective: every rank calls it).
+        partial = world.gather(totals.state_dict()) if totals else None
+        state.update(partial=partial, rng=world.gather(rng_state(parts.device)), config=plain_cfg)
         if world.main:
             save_checkpoint({**state, "alr_version": alr.__version__, "world_size": world.size}, ckpt_path)
         world.barrier()  # no process exits (and makes torchrun stop the others) before last.pt is written
@@ -654,6 +729,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if world.any(stop.signum is not None) and epoch + 1 < t.epochs:
                     raise stop.interrupted(f"{where(epoch + 1, 0)} (checkpoint written)")
         exit_code = 0
+    except Interrupted as e:  # its hand_over finishes the logger after the requeue (a W&B upload takes seconds)
+        e.logger, logger = logger, NoLogger()
+        raise
     finally:
         bar.close()
         logger.finish(exit_code)

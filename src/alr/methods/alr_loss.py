@@ -14,7 +14,7 @@ def residual_index(targets: Tensor, num_classes: int) -> Tensor:
     """Column indices of each row's non-target classes, in class order: shape ``B×(K−1)``.
 
     Column ``j`` of a residual row for label ``k`` is class ``j`` if ``j < k``, else ``j + 1``
-    (SPEC §1). Built per batch, never as a K×K matrix.
+    (docs/deviations.md#alrs-loss). Built per batch, never as a K×K matrix.
     """
     cols = torch.arange(num_classes - 1, device=targets.device)
     return cols + (cols >= targets.unsqueeze(1))  # int64 + bool: one kernel, no conversion pass
@@ -23,7 +23,7 @@ def residual_index(targets: Tensor, num_classes: int) -> Tensor:
 def alr_terms_reference(
     logits: Tensor, S: Tensor, targets: Tensor, label_smoothing: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(L_hard, L_res, L_upd)`` written as plain autograd ops, straight from eq. 3–5 (SPEC §1).
+    """``(L_hard, L_res, L_upd)`` written as plain autograd ops, straight from eq. 3–5 (docs/deviations.md#alrs-loss).
 
     The definition :class:`ALRLoss`'s fused path is tested against (values and gradients) and
     benchmarked beside (``bench/bench_loss.py``); not used for training.
@@ -188,7 +188,10 @@ class ALRLoss(nn.Module):
                 correct = (z.max(dim=1).indices == targets).sum()
                 seen = targets.numel()
                 if distributed.initialized():  # the global batch's counts: w is the same on every rank
-                    correct, seen = distributed.all_reduce_sum(torch.stack([correct, correct.new_tensor(seen)]))
+                    # full_like fills on the device; new_tensor(seen) would be a host-to-device copy, and the
+                    # host would wait for the forward at every step before it could queue the backward.
+                    counts = torch.stack([correct, torch.full_like(correct, seen)])
+                    correct, seen = distributed.all_reduce_sum(counts)
                 if self.acc_source == "batch":
                     self.correct.zero_()
                     self.seen.zero_()

@@ -181,7 +181,6 @@ class DeepMutualLearning(Method):
         if update not in self.UPDATES:
             raise ValueError(f"config key 'method.update': unknown {update!r}; use alternate or simultaneous")
         self.peer, self.update = peer, update
-        self.updates_in_turn = update == "alternate"
 
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         logits = model(inputs)
@@ -210,6 +209,9 @@ class DeepMutualLearning(Method):
         terms = {k: terms1[k] for k in ("L_hard", "L_kl")} | {k: terms2[k] for k in ("peer_L_hard", "peer_L_kl")}
         loss = terms["L_hard"] + terms["L_kl"] + terms["peer_L_hard"] + terms["peer_L_kl"]
         return StepOutput(loss, logits, terms)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"net2": self.peer}
 
     @torch.no_grad()
     def predictions(self, model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:

@@ -51,10 +51,6 @@ class Method(nn.Module):
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
         raise NotImplementedError
 
-    #: True for a method whose ``train_step`` updates its networks one after the other (DML in turn):
-    #: the suite runs such a method in one process only.
-    updates_in_turn: bool = False
-
     def train_step(
         self,
         model: nn.Module,
@@ -75,6 +71,15 @@ class Method(nn.Module):
 
     def start_epoch(self) -> None:
         """Called by the trainer before each training epoch."""
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks this method trains beside the backbone (DML's peer), by name.
+
+        The suite runs a method that has one in a single process only: DistributedDataParallel keeps the
+        backbone equal on every rank, but not a network the method owns (its batch-norm statistics would
+        differ from rank to rank, and each rank would score its own).
+        """
+        return {}
 
     def snapshots(self) -> dict[str, Tensor]:
         """Matrices the trainer saves every ``trainer.snapshot_every`` epochs, by name."""
