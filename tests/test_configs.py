@@ -51,6 +51,13 @@ def test_every_debug_config_composes(name: str):
     validate(compose(f"debug={name}"))
 
 
+@pytest.mark.parametrize("name", _options("debug"))
+def test_a_debug_config_logs_nothing_unless_the_command_line_says_logger_wandb(name: str):
+    assert compose(f"debug={name}").logger.name == "none"
+    assert compose("logger=wandb", f"debug={name}").logger.name == "wandb"
+    assert compose(f"debug={name}", "logger=wandb").logger.name == "wandb"
+
+
 @pytest.mark.parametrize("dataset", _options("dataset"))
 def test_model_is_built_with_the_dataset_class_count(dataset: str):
     cfg = compose(f"dataset={dataset}", "model=digits_cnn", *_partners("dataset", dataset))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,8 @@ class NoLogger:
     def log_matrix(self, name: str, matrix: np.ndarray, labels: list[str], step: int) -> None:
         pass
 
-    def finish(self, exit_code: int = 0) -> None:
-        pass
+    def finish(self, exit_code: int = 0, timeout_s: float | None = None) -> bool:
+        return True
 
 
 def has_credentials() -> bool:
@@ -84,8 +86,25 @@ class WandbLogger:
 
         plt.close(fig)
 
-    def finish(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
+    def finish(self, exit_code: int = 0, timeout_s: float | None = None) -> bool:
+        """End the W&B run; with ``timeout_s``, stop waiting for its upload after that long (then ``False``).
+
+        What W&B has not sent by then stays in the run's folder under ``wandb/``: ``make wandb-sync`` uploads
+        an offline run, ``wandb sync <folder>`` an online one.
+        """
+        if timeout_s is None:
+            self.run.finish(exit_code=exit_code)
+            return True
+        worker = threading.Thread(target=self.run.finish, kwargs={"exit_code": exit_code}, daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            print(
+                f"[alr] W&B had not finished after {timeout_s:.0f} s; what it did not upload stays in "
+                f"{Path(self.run.dir).parent} (wandb sync uploads it)",
+                file=sys.stderr,
+            )
+        return not worker.is_alive()
 
 
 def build_logger(cfg: dict[str, Any], run_dir: Path) -> NoLogger | WandbLogger:

@@ -10,15 +10,28 @@ a mid-epoch checkpoint and raises :class:`Interrupted`; the entry point then cal
 :meth:`Interrupted.hand_over`, which runs submitit's handler (checkpoint the submission, requeue,
 exit) or, outside submitit, exits with ``128 + signal``. The requeued job reruns the same command,
 which resumes in the run folder.
+
+Under several SLURM tasks only rank 0 requeues: submitit's handler returns at once on the other ranks, and
+they wait for SLURM to end the job step rather than exit (a task exiting non-zero first makes ``srun``, with
+``KillOnBadExit=1``, kill rank 0 before it has requeued). Rank 0 finishes the logger only after the requeue,
+and within :data:`FINISH_TIMEOUT_S`.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
+
+from alr.distributed import is_main
+
+# After ``scontrol requeue`` SLURM sends the job SIGTERM (which submitit ignores) and SIGKILL KillWait
+# seconds later (30 by default): the W&B upload gets less than that; what it has not sent stays on disk.
+FINISH_TIMEOUT_S = 20.0
 
 
 class Interrupted(Exception):
@@ -27,12 +40,28 @@ class Interrupted(Exception):
     def __init__(self, signum: int, where: str, previous: Any = None) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} after {where}")
         self.signum, self.previous = signum, previous
+        self.logger: Any = None  # the run's logger, still open: finished here, after the requeue
 
-    def hand_over(self) -> None:
-        """Run the handler that was there before (submitit's: requeue, then exit), else exit ``128 + signal``."""
-        if callable(self.previous):
-            self.previous(self.signum, None)  # submitit: dump the resubmission, requeue, sys.exit(-1)
-        sys.exit(128 + self.signum)
+    def hand_over(self, lead_s: float = 0.0) -> None:
+        """Run the handler that was there before (submitit's: requeue), finish the logger, exit ``128 + signal``.
+
+        On rank 0 submitit's handler requeues the job and exits (``SystemExit``); on the other ranks it returns,
+        and under SLURM they then wait for SLURM to end the job step, at most ``lead_s`` seconds (the
+        launcher's ``signal_delay_s``: the job is killed by then anyway).
+        """
+        code = 128 + self.signum
+        try:
+            if callable(self.previous):
+                self.previous(self.signum, None)  # submitit, rank 0: dump the resubmission, requeue, sys.exit(-1)
+                if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and not is_main():
+                    print(f"[alr] waiting up to {lead_s:.0f} s for SLURM to end the job step", file=sys.stderr)
+                    time.sleep(lead_s)  # a signal SLURM sends meanwhile (SIGTERM: submitit's no-op) does not cut it
+        finally:
+            if self.logger is not None and not self.logger.finish(code, timeout_s=FINISH_TIMEOUT_S):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # W&B's exit hook would wait for the upload that just timed out
+        sys.exit(code)
 
 
 def _signals() -> list[int]:

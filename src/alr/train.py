@@ -9,7 +9,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alr.checkpoint import write_json
 from alr.config_check import ConfigError, excluded, parse_shard, validate
@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     except Interrupted as e:  # a stop signal: last.pt is written; requeue (submitit) or exit
         print(f"[alr] {cfg.run_name}: {e}; rerun the same command to resume", file=sys.stderr)
-        e.hand_over()
+        e.hand_over(lead_s=OmegaConf.select(HydraConfig.get(), "launcher.signal_delay_s", default=0))
     print(
         f"[alr] {cfg.run_name}: test accuracy {result['final_test_acc']:.2f}% after {result['epochs']} epochs "
         f"(best {result['best_test_acc']:.2f}% at epoch {result['best_epoch']}) -> {run_dir}"
