@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -14,7 +15,19 @@ import pytest
 
 from alr.checkpoint import load_checkpoint
 from alr.data import samples
-from alr.gpu_check import BACKBONES, Backbone, Cell, plan, slug, throughput, write_report
+from alr.gpu_check import (
+    BACKBONES,
+    NAMED_CHECKS,
+    REPORT_S,
+    Backbone,
+    Cell,
+    gpu_tests,
+    plan,
+    slug,
+    throughput,
+    throughput_seconds,
+    write_report,
+)
 from alr.models import PreActResNet18
 from alr.reporting.gpu import RunRecipe, predict, render, table_recipes
 from conftest import ROOT, run_train
@@ -181,6 +194,69 @@ def test_the_report_is_generated_from_the_measurements(tmp_path: Path):
     assert f"| table1 | 85 | {hours:,.1f} h (+ 1 cell not measured) |" in text
     assert "- table1, as configured: method kd not measured (1 cell)" in text
     assert "Not predicted: demo (trains on the CPU: trainer.device=cpu)." in text
+
+
+# Stand-ins for the named GPU tests, run by the check's own step 2 (a real pytest and its JUnit file):
+# one passes, one fails in one of its two parametrisations, one skips.
+FAKE_GPU_TESTS = """
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+def test_resume_on_cuda_is_bit_identical():
+    pass
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_alr_step_without_host_sync_under_ddp(precision):
+    assert precision == "fp32", "RuntimeError: called a synchronizing CUDA operation"
+
+
+def test_trainer_step_without_host_sync_under_ddp():
+    pytest.skip("this torch is built without NCCL")
+"""
+
+
+def test_the_gpu_tests_step_gives_each_named_check_a_line(tmp_path: Path):
+    (tmp_path / "test_fake_gpu.py").write_text(FAKE_GPU_TESTS)
+    tests = gpu_tests(120, [tmp_path / "test_fake_gpu.py"])
+    assert tests["summary"].startswith("FAILED: 2 passed, 1 failed, 1 skipped in ")
+    results = {c["check"]: c["result"] for c in tests["checks"]}
+    assert results == {
+        "CUDA resume bit-identical": "passed",
+        "ALR step without host sync under DDP": "FAILED: AssertionError: RuntimeError: called a synchronizing "
+        "CUDA operation",
+        "Trainer step (ALR) without host sync under DDP": "skipped: this torch is built without NCCL",
+    }
+    text = write_report({**_report(), "tests": tests}, tmp_path / "report").read_text()
+    assert "| CUDA resume bit-identical | `test_resume_on_cuda_is_bit_identical` | passed |" in text
+    row = "| Trainer step (ALR) without host sync under DDP | `test_trainer_step_without_host_sync_under_ddp` | "
+    assert row + "skipped: this torch is built without NCCL |" in text
+
+    (tmp_path / "test_fake_gpu.py").write_text(FAKE_GPU_TESTS.replace("test_resume_on_cuda", "test_resume_on_gpu"))
+    tests = gpu_tests(120, [tmp_path / "test_fake_gpu.py"])  # a renamed test is a failure, not a silent gap
+    assert tests["checks"][0]["result"] == "FAILED: pytest -m gpu did not report test_resume_on_cuda_is_bit_identical"
+
+
+def test_each_named_check_is_a_gpu_test_of_the_suite():
+    defined = {}  # test function -> the source of its module
+    for path in (ROOT / "tests").glob("test_*.py"):
+        text = path.read_text()
+        defined |= {node.name: text for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)}
+    for test in NAMED_CHECKS:
+        assert "pytestmark = pytest.mark.gpu" in defined.get(test, ""), f"{test} is not a gpu test under tests/"
+
+
+def test_the_throughput_gets_what_the_steps_before_it_left_of_the_budget(tmp_path: Path):
+    assert throughput_seconds(450, 160) == 450 - 160 - REPORT_S  # slower GPU tests: fewer throughput cells
+    assert throughput_seconds(450, 440) == 0  # nothing left: every cell is listed as skipped
+    report = {**_report(), "settings": {"budget_s": 450.0}}
+    report["steps_s"] = {"machine": 14.2, "tests": 121.0, "end_to_end": 47.6, "throughput": 254.9}
+    assert (
+        "Time of the 450 s budget: machine 14 s, GPU tests 121 s, end to end 48 s, throughput 255 s "
+        "(the throughput gets what is left)." in write_report(report, tmp_path).read_text()
+    )
 
 
 def test_the_plan_measures_each_setting_on_every_backbone_eager_first_then_compiled_bf16():

@@ -7,7 +7,9 @@ Steps, each written into ``results/gpu/<gpu>.json`` and ``.md`` as soon as it is
 stopped half-way still leaves its report):
 
 1. the machine: GPU, memory, driver, CUDA, cuDNN, torch, the suite, which optional parts import;
-2. the tests marked ``gpu`` (``pytest -m gpu``);
+2. the tests marked ``gpu`` (``pytest -m gpu``), with a line each for those of :data:`NAMED_CHECKS`: a run
+   stopped by SIGTERM on CUDA resumes bit-identically, and ALR's training step under a process group
+   queues its work without a host sync;
 3. Table 1's composition (``preact_resnet18``, ``alr``) trained end to end by ``python -m alr.train``
    on sample CIFAR-10 files in fp32, bf16 and fp16: each must finish with finite losses and a result.json;
 4. training throughput through :func:`alr.trainer.fit` on synthetic on-device images
@@ -15,6 +17,8 @@ stopped half-way still leaves its report):
    ``torch.compile``, the baseline and ALR-S side by side;
 5. the GPU-hours of each table's grid (:mod:`alr.reporting.gpu`).
 
+The steps before the throughput take what they take (each with a ceiling against a hang); the
+throughput cells get what they leave of ``--budget``, less the report's writing (:func:`throughput_seconds`).
 Throughput cells run in order of use until the time budget is spent, every backbone at one setting
 before the next setting: the eager ones first (fp32 with ``channels_last``, the trainer's default,
 then bf16 and fp16, then the same without ``channels_last``), then compiled ones at bf16 with
@@ -74,6 +78,26 @@ OPTIONAL = {
     "timm (ResNet-50/101/152, Table 2)": "timm",
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
+# GPU tests the report names on a line of their own (test function: what it proves), beside the summary.
+NAMED_CHECKS = {
+    "test_resume_on_cuda_is_bit_identical": "CUDA resume bit-identical",
+    "test_alr_step_without_host_sync_under_ddp": "ALR step without host sync under DDP",
+    "test_trainer_step_without_host_sync_under_ddp": "Trainer step (ALR) without host sync under DDP",
+}
+# The budget's split (docs/gpu-check.md, "The time budget"): steps 2 and 3 have ceilings against a hang
+# and otherwise take what they take; the throughput cells get what is left, less the report's writing.
+REPORT_S = 15.0
+END_TO_END_RUN_S = 180.0
+
+
+def tests_timeout(budget: float) -> float:
+    """Step 2's ceiling, against a hang: room for a compilation and three short CUDA runs beside the other tests."""
+    return max(240.0, budget / 2)
+
+
+def throughput_seconds(budget: float, elapsed: float) -> float:
+    """Step 4's share: what ``elapsed`` seconds of the steps before it leave of ``budget``, less the report's."""
+    return max(0.0, budget - elapsed - REPORT_S)
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,13 @@ def _one_line(text: str, limit: int = 200) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
     errors = [line for line in lines if line.startswith("error:")]
     return ((errors or lines)[-1] if lines else "no output")[:limit]
+
+
+def _failure_line(message: str) -> str:
+    """What a failed test's JUnit message says went wrong: the assertion's own text (pytest's ``assert ...``
+    explanation and diff follow it), else :func:`_one_line`'s pick (the last error of a failed subprocess)."""
+    head = re.split(r"^assert ", message, maxsplit=1, flags=re.MULTILINE)[0]
+    return _one_line(head) if head.strip() else _one_line(message.strip().split("\n", 1)[0])
 
 
 # --- 1. the machine ----------------------------------------------------------------------------
@@ -169,39 +200,72 @@ def optional_parts() -> dict[str, str]:
 # --- 2. the GPU tests --------------------------------------------------------------------------
 
 
-def gpu_tests(timeout: float) -> dict[str, Any]:
-    """``pytest -m gpu`` over the test files that hold such tests; per-test outcomes from a JUnit XML file."""
+def named_checks(outcomes: dict[str, list[str]]) -> list[dict[str, str]]:
+    """One line per test of :data:`NAMED_CHECKS`, from each test function's outcomes (one per parametrisation).
+
+    ``passed`` when every one passed; else the first failure, or the skip reason when all were skipped.
+    A named test pytest did not report (renamed, or its file did not import) is a failure.
+    """
+    lines = []
+    for test, label in NAMED_CHECKS.items():
+        results = outcomes.get(test, [])
+        bad = [r for r in results if r.startswith("FAILED")]
+        if not results:
+            result = f"FAILED: pytest -m gpu did not report {test}"
+        elif bad:
+            result = bad[0]
+        elif all(r.startswith("skipped") for r in results):
+            result = results[0]
+        else:
+            result = "passed"
+        lines.append({"check": label, "test": test, "result": result})
+    return lines
+
+
+def gpu_tests(timeout: float, files: list[Path] | None = None) -> dict[str, Any]:
+    """``pytest -m gpu`` over ``files`` (default: the test files that hold such tests); per-test outcomes
+    from a JUnit XML file, and a line for each of :data:`NAMED_CHECKS`."""
     tests = ROOT / "tests"
-    files = sorted(str(p) for p in tests.glob("test_*.py") if "mark.gpu" in p.read_text()) if tests.is_dir() else []
+    if files is None:
+        files = sorted(p for p in tests.glob("test_*.py") if "mark.gpu" in p.read_text()) if tests.is_dir() else []
     if not files:
-        return {"summary": f"skipped: no test files with gpu tests under {tests}", "failures": []}
+        return {"summary": f"skipped: no test files with gpu tests under {tests}", "failures": [], "checks": []}
     if importlib.util.find_spec("pytest") is None:
-        return {"summary": "skipped: pytest is not installed (pip install pytest)", "failures": []}
+        return {"summary": "skipped: pytest is not installed (pip install pytest)", "failures": [], "checks": []}
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
         start = time.perf_counter()
         try:
-            proc = _run([*cmd, *files], timeout)
+            proc = _run([*cmd, *map(str, files)], timeout)
         except subprocess.TimeoutExpired:
-            return {"summary": f"failed: pytest -m gpu ran past {timeout:.0f} s", "failures": []}
+            checks = named_checks({})
+            return {"summary": f"FAILED: pytest -m gpu ran past {timeout:.0f} s", "failures": [], "checks": checks}
         seconds = time.perf_counter() - start
         if not xml.exists():
-            return {"summary": f"failed: pytest did not run ({_one_line(proc.stdout + proc.stderr)})", "failures": []}
+            summary = f"FAILED: pytest did not run ({_one_line(proc.stdout + proc.stderr)})"
+            return {"summary": summary, "failures": [], "checks": named_checks({})}
         cases = ET.parse(xml).getroot().iter("testcase")
-        counts, failures = {"passed": 0, "failed": 0, "skipped": 0}, []
+        counts, failures, outcomes = {"passed": 0, "failed": 0, "skipped": 0}, [], {}
         for case in cases:
             bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+            skipped = case.find("skipped")
             if bad is not None:
                 counts["failed"] += 1
-                failures.append((f"{case.get('classname')}::{case.get('name')}", _one_line(bad.get("message", ""))))
-            elif case.find("skipped") is not None:
+                failures.append((f"{case.get('classname')}::{case.get('name')}", _failure_line(bad.get("message", ""))))
+                outcome = f"FAILED: {failures[-1][1]}"
+            elif skipped is not None:
                 counts["skipped"] += 1
+                outcome = f"skipped: {_one_line(skipped.get('message', ''))}"
             else:
                 counts["passed"] += 1
-    verdict = "passed" if proc.returncode == 0 and counts["passed"] else "FAILED"
-    summary = f"{verdict}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
-    return {"summary": f"{summary} in {seconds:.0f} s", "failures": failures, **counts}
+                outcome = "passed"
+            outcomes.setdefault(case.get("name", "").split("[")[0], []).append(outcome)
+    checks = named_checks(outcomes)
+    ok = proc.returncode == 0 and counts["passed"] and not any(c["result"].startswith("FAILED") for c in checks)
+    summary = f"{'passed' if ok else 'FAILED'}: {counts['passed']} passed, {counts['failed']} failed, "
+    summary += f"{counts['skipped']} skipped"
+    return {"summary": f"{summary} in {seconds:.0f} s", "failures": failures, "checks": checks, **counts}
 
 
 # --- 3. Table 1's composition end to end ------------------------------------------------------
@@ -449,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": 0.0,
         "machine": info,
         "optional": optional_parts(),
-        "tests": {"summary": "not run yet", "failures": []},
+        "tests": {"summary": "not run yet", "failures": [], "checks": []},
         "end_to_end": [],
         "throughput": [],
         "flops_per_image": {},
@@ -457,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipe_objects": recipes,
         "skipped_experiments": skipped,
         "settings": {"budget_s": args.budget, "epochs": args.epochs, "epoch_seconds": args.epoch_seconds},
+        "steps_s": {},  # seconds each step took, as the budget was spent
     }
 
     def save() -> Path:
@@ -467,26 +532,40 @@ def main(argv: list[str] | None = None) -> int:
     for label, state in report["optional"].items():
         say(f"{label}: {state}")
     save()
+    steps_s = report["steps_s"]
+    mark = time.perf_counter()
+    steps_s["machine"] = mark - start
     if args.skip_tests:
-        report["tests"] = {"summary": "skipped (--skip-tests)", "failures": []}
+        checks = [
+            {"check": label, "test": test, "result": "not run (--skip-tests)"} for test, label in NAMED_CHECKS.items()
+        ]
+        report["tests"] = {"summary": "skipped (--skip-tests)", "failures": [], "checks": checks}
     else:
         say("running pytest -m gpu ...")
-        report["tests"] = gpu_tests(timeout=max(180.0, args.budget / 3))
+        report["tests"] = gpu_tests(timeout=tests_timeout(args.budget))
     say(f"gpu tests: {report['tests']['summary']}")
+    for check in report["tests"]["checks"]:
+        say(f"  {check['check']}: {check['result']}")
+    steps_s["tests"], mark = time.perf_counter() - mark, time.perf_counter()
     save()
     with tempfile.TemporaryDirectory(prefix="alr-gpu-check-") as tmp:
-        report["end_to_end"] = end_to_end(Path(tmp) / "e2e", precisions, epochs=3, timeout=180)
+        report["end_to_end"] = end_to_end(Path(tmp) / "e2e", precisions, epochs=3, timeout=END_TO_END_RUN_S)
+        steps_s["end_to_end"], mark = time.perf_counter() - mark, time.perf_counter()  # step 4: FLOPs, then cells
         save()
         report["flops_per_image"] = flops_per_image(backbones, device)
-        deadline = start + args.budget - 15  # the report's own writing
+        # What the steps before took comes out of the throughput's share, never out of the budget.
+        share = throughput_seconds(args.budget, time.perf_counter() - start)
+        deadline = time.perf_counter() + share
         cells = plan(backbones, precisions)
-        say(f"timing up to {len(cells)} throughput cells, {deadline - time.perf_counter():.0f} s left in the budget")
+        say(f"timing up to {len(cells)} throughput cells, {share:.0f} s left in the budget")
 
         def progress(done: list[dict[str, Any]]) -> None:
             report["throughput"] = done
+            steps_s["throughput"] = time.perf_counter() - mark
             save()
 
         report["throughput"] = throughput(cells, Path(tmp), args.epochs, args.epoch_seconds, deadline, progress)
+        steps_s["throughput"] = time.perf_counter() - mark
     md = save()
     ok = sum(c["status"] == "ok" for c in report["throughput"])
     skipped = sum(c["status"].startswith("skipped") for c in report["throughput"])
