@@ -148,10 +148,15 @@ def nccl_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[torc
     torch.cuda.set_device(device)
     with host_sync_is_an_error(), pytest.raises(RuntimeError, match="synchroniz"):
         torch.ones(1, device=device).item()
+    # The trainer's default (trainer.deterministic=false), whatever an earlier test in this process set:
+    # seed_everything turns deterministic algorithms on, never off.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
     store = dist.FileStore(str(tmp_path / "nccl-store"), 1)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
     yield device
     dist.destroy_process_group()
+    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
