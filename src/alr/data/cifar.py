@@ -22,8 +22,6 @@ The normalisation constants are each training set's per-channel pixel mean and s
 from __future__ import annotations
 
 import pickle
-import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from alr.data.batches import DataBundle, TensorBatches
+from alr.data.download import announce, fetch
 from alr.errors import RunError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -178,7 +177,7 @@ def download_cifar(name: str, data_dir: str | Path, timeout_s: float = 60.0) -> 
     the folder and how to put the files there by hand.
     """
     from torchvision import datasets
-    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+    from torchvision.datasets.utils import check_integrity
 
     layout, data_dir = _layout(name), Path(data_dir)
     tv = getattr(datasets, layout.torchvision_class)
@@ -193,24 +192,12 @@ def download_cifar(name: str, data_dir: str | Path, timeout_s: float = 60.0) -> 
             f"torchvision's checksum, so dataset.download=true would replace them. Move {data_dir / tv.base_folder} "
             "away (or delete it) to download afresh, or drop dataset.download=true to train on the files as they are."
         )
-    print(
-        f"[alr] {name}: downloading {tv.url} ({layout.archive_mb} MB) into {data_dir}; "
-        f"it gives up after {timeout_s:g} s without data",
-        file=sys.stderr,
+    announce(name, tv.url, layout.archive_mb, data_dir, timeout_s)
+    manual = (
+        f"Without a network, fetch {tv.filename} on a machine that has one, unpack it there (tar xzf {tv.filename} "
+        f"-C {data_dir} makes {tv.base_folder}/), and rerun without dataset.download=true."
     )
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout_s)  # torchvision's urlopen takes no timeout of its own
-    try:
-        download_and_extract_archive(tv.url, str(data_dir), filename=tv.filename, md5=tv.tgz_md5)
-    except (OSError, RuntimeError) as e:  # no network, refused, timed out (OSErrors); a bad archive (RuntimeError)
-        reason = getattr(e, "reason", None) or e
-        raise RunError(
-            f"{name}: could not download {tv.url} into {data_dir} ({reason}). Without a network, fetch "
-            f"{tv.filename} on a machine that has one, unpack it there (tar xzf {tv.filename} -C {data_dir} makes "
-            f"{tv.base_folder}/), and rerun without dataset.download=true."
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+    fetch(name, [tv.url], data_dir, tv.filename, tv.tgz_md5, timeout_s, manual)
 
 
 class Normalize:
@@ -226,25 +213,28 @@ class Normalize:
 
 
 class CropFlipNormalize:
-    """Batched random crop (zero padding), random horizontal flip and normalisation, on the batch's device.
+    """Batched random crop (zero padding), random horizontal flip (unless ``flip=False``) and normalisation,
+    on the batch's device.
 
     Every sample gets its own offsets and flip, drawn from ``generator``. Instead of looping over
     samples, the batch is padded once and each sample's crop is gathered by advanced indexing with
     per-sample row and column indices; a flip is the same gather with the column indices reversed.
     """
 
-    def __init__(self, normalize: Normalize, size: int = 32, padding: int = 4) -> None:
-        self.normalize, self.size, self.padding = normalize, size, padding
+    def __init__(self, normalize: Normalize, size: int = 32, padding: int = 4, flip: bool = True) -> None:
+        self.normalize, self.size, self.padding, self.flip = normalize, size, padding, flip
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         b, c, dev, p = len(x), x.shape[1], x.device, self.padding
         padded = F.pad(x, (p, p, p, p))
         top = torch.randint(0, padded.shape[2] - self.size + 1, (b, 1), device=dev, generator=generator)
         left = torch.randint(0, padded.shape[3] - self.size + 1, (b, 1), device=dev, generator=generator)
-        flip = torch.rand(b, 1, device=dev, generator=generator) < 0.5
         offsets = torch.arange(self.size, device=dev)
         rows = top + offsets
-        cols = left + torch.where(flip, offsets.flip(0), offsets)
+        cols = left + offsets
+        if self.flip:
+            flip = torch.rand(b, 1, device=dev, generator=generator) < 0.5
+            cols = left + torch.where(flip, offsets.flip(0), offsets)
         crops = padded[
             torch.arange(b, device=dev).view(b, 1, 1, 1),
             torch.arange(c, device=dev).view(1, c, 1, 1),

@@ -3,25 +3,30 @@
 A smoke run (``make reproduce-table1 SMOKE=1``) must read its data through the real loaders, so these
 writers produce byte-for-byte the layouts the loaders expect. Images are real digits that ship with
 scikit-learn (nothing is downloaded): each 8×8 digit is scaled up to 32×32 and repeated over three
-channels. The digit is the label, so CIFAR-100's files use classes 0–9 of its 100. ImageNet gets an
+channels. The digit is the label, so CIFAR-100's files use classes 0–9 of its 100. Fashion-MNIST and
+MNIST get their four gzipped IDX files in torchvision's layout, the digits scaled up to 28×28 (the
+clothes' class names then label digits). ImageNet gets an
 ImageFolder tree of JPEG files, ten class folders named like WordNet ids (``n00000000``…``n00000009``),
 the digits scaled up to 64×80 (run it with ``dataset.num_classes=10``). Texts (AG News, Yahoo! Answers,
 Yelp) are sentences composed here from a few words per class, with the release's quirks (every field
 quoted, ``""`` inside quotes, commas, ``\\n`` escapes, non-ASCII UTF-8).
 
-    python -m alr.data.samples --out runs/smoke/data cifar10 cifar100 imagenet ag_news yahoo_answers yelp_full
+    python -m alr.data.samples --out runs/smoke/data cifar10 cifar100 fashion_mnist mnist imagenet ag_news \
+        yahoo_answers yelp_full
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import pickle
 from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_digits
 
+from alr.data import mnist
 from alr.data.cifar import LAYOUTS
 from alr.data.text import RELEASES
 
@@ -73,6 +78,25 @@ def write_cifar(root: str | Path, name: str, n_train: int = 200, n_test: int = 5
         _dump(
             folder / layout.meta_file, {b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": coarse}
         )
+    return folder
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a ``uint8`` array as an IDX file (magic ``0x000008dd``, big-endian dimensions), gzipped if ``.gz``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def write_mnist(root: str | Path, name: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
+    """Write ``name`` (fashion_mnist or mnist) as four gzipped IDX files in torchvision's layout; return its folder."""
+    folder = Path(root) / mnist.RELEASES[name].torchvision_class / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = digit_images(n_train + n_test, size=28, seed=seed)
+    for split, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        images, labels = mnist.FILES[split]
+        write_idx(folder / f"{images}.gz", x[rows, 0])
+        write_idx(folder / f"{labels}.gz", y[rows].astype(np.uint8))
     return folder
 
 
@@ -140,6 +164,8 @@ def write_text_csv(root: str | Path, name: str, n_train: int = 200, n_test: int 
 WRITERS = {
     "cifar10": write_cifar,
     "cifar100": write_cifar,
+    "fashion_mnist": write_mnist,
+    "mnist": write_mnist,
     "imagenet": write_imagenet,
     **{name: write_text_csv for name in RELEASES},
 }

@@ -33,11 +33,11 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """PreAct ResNet-18 for 32×32 inputs, returning ``B×num_classes`` logits."""
+    """PreAct ResNet-18 for 32×32 inputs (28×28 grey ones too), returning ``B×num_classes`` logits."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.stem = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
         blocks, c_in = [], 64
         for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             blocks += [PreActBlock(c_in, c_out, stride), PreActBlock(c_out, c_out)]

@@ -40,14 +40,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """ResNet-``depth`` for 32×32 inputs (``depth`` = 6n + 2), returning ``B×num_classes`` logits."""
+    """ResNet-``depth`` (6n + 2) for 32×32 inputs (28×28 grey ones too), returning ``B×num_classes`` logits."""
 
-    def __init__(self, depth: int = 32, num_classes: int = 10) -> None:
+    def __init__(self, depth: int = 32, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, not {depth}")
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         blocks, c_in = [], 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(n):

@@ -35,14 +35,16 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-``depth``-``widen_factor`` for 32×32 inputs, returning ``B×num_classes`` logits."""
+    """WRN-``depth``-``widen_factor`` for 32×32 inputs (28×28 grey ones too), returning ``B×num_classes`` logits."""
 
-    def __init__(self, depth: int = 28, widen_factor: int = 10, dropout: float = 0.3, num_classes: int = 10) -> None:
+    def __init__(
+        self, depth: int = 28, widen_factor: int = 10, dropout: float = 0.3, num_classes: int = 10, in_channels: int = 3
+    ) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4, not {depth}")
         n = (depth - 4) // 6
-        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         blocks, c_in = [], 16
         for c_out, stride in ((16 * widen_factor, 1), (32 * widen_factor, 2), (64 * widen_factor, 2)):
             for i in range(n):
