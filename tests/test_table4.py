@@ -120,6 +120,12 @@ def test_dml_stopped_mid_epoch_resumes_bit_exact_with_both_networks_state(tmp_pa
     assert straight["final_test_acc"] == pytest.approx((nets["net1"] + nets["net2"]) / 2)
     last = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["test/acc"] == straight["final_test_acc"] and last["test/net2/acc"] == nets["net2"]
+    eces = straight["final_test_ece_by_network"]  # calibration per network, and their mean as the run's
+    assert straight["final_test_ece"] == pytest.approx((eces["net1"] + eces["net2"]) / 2)
+    assert sorted(p.name for p in (tmp_path / "straight").glob("test_confusion*")) == [
+        "test_confusion_net1.npy",
+        "test_confusion_net2.npy",
+    ]
 
     real_step, calls = DeepMutualLearning.train_step, []
 

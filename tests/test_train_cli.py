@@ -25,6 +25,14 @@ def test_entry_point_runs_every_method(tmp_path, method: str):
     assert [m["epoch"] for m in lines] == [1, 2]
     assert {"train/loss", "train/L_hard", "train/acc", "test/acc", "lr", "seconds"} <= set(lines[0])
     assert (run_dir / "config.yaml").exists() and (run_dir / "last.pt").exists()
+    # Calibration and the test loss in every epoch; the last epoch's and the best epoch's in result.json.
+    assert {"test/loss", "test/ece"} <= set(lines[0]) and 0.0 <= lines[-1]["test/ece"] <= 100.0
+    assert (result["final_test_nll"], result["final_test_ece"]) == (lines[-1]["test/loss"], lines[-1]["test/ece"])
+    best = lines[result["best_epoch"] - 1]
+    assert (result["best_test_acc"], result["best_test_ece"]) == (best["test/acc"], best["test/ece"])
+    confusion = np.load(run_dir / "test_confusion.npy")  # after the last epoch: true class x predicted class
+    assert confusion.shape == (10, 10) and confusion.sum() == lines[-1]["test/images"]
+    assert 100.0 * np.trace(confusion) / confusion.sum() == pytest.approx(lines[-1]["test/acc"])
     snaps = sorted((run_dir / "residual_labels").glob("*.npy")) if method.startswith("alr") else []
     if method.startswith("alr"):
         assert {"train/L_res", "train/L_upd", "train/w"} <= set(lines[0])

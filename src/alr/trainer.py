@@ -29,6 +29,7 @@ import copy
 import inspect
 import json
 import os
+import platform
 import random
 import tempfile
 import time
@@ -57,6 +58,7 @@ from alr.checkpoint import (
 )
 from alr.distributed import World, all_reduce_sum, setup
 from alr.errors import CheckpointError, RunError, RunFolderConflict
+from alr.evaluation import evaluate
 from alr.loggers import NoLogger, build_logger
 from alr.preempt import Interrupted, StopOnSignal
 
@@ -162,53 +164,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device, path: Path) -> No
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, method: nn.Module, batches, limit: int | None, autocast, num_classes: int, device: torch.device
-) -> dict[str, float]:
-    """Top-1 (and top-5 where K > 5) accuracy in percent, and the mean cross entropy.
-
-    Under several processes each rank evaluates its own shard and the counts are summed over ranks, so
-    every test image counts once (``limit`` caps the batches of each rank). That sum is one model's score
-    because every rank holds the same one: the backbone's weights are DDP's, its batch-norm statistics rank
-    0's (broadcast before this call), and a method that trains a network of its own (``Method.networks``)
-    is refused under several processes. A method scored by several networks (DML, in one process) gets
-    each one's metrics as ``test/<name>/...`` and, as ``test/...``, their mean.
-    """
-    model.eval()
-    method.eval()
-    names: list[str] = []
-    sums = torch.zeros(1, 3, dtype=torch.float64, device=device)  # per network: top-1, top-5 correct, loss sum
-    images = torch.zeros(1, dtype=torch.float64, device=device)
-    for x, y in islice(batches.epoch(0), limit):
-        with autocast():
-            outputs = method.predictions(model, x)
-        if not names:  # (a rank with an empty shard keeps one row: several networks run in one process only)
-            names, sums = list(outputs), torch.zeros(len(outputs), 3, dtype=torch.float64, device=device)
-        for i, logits in enumerate(outputs.values()):
-            logits = logits.float()
-            top = logits.topk(min(5, num_classes), dim=1).indices
-            sums[i] += torch.stack(
-                [
-                    (top[:, 0] == y).sum(),
-                    (top == y[:, None]).any(dim=1).sum(),
-                    torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
-                ]
-            ).double()
-        images += len(y)
-    n = int(all_reduce_sum(images).item())
-    per = {
-        name: {"acc": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n}
-        for name, (c1, c5, loss) in zip(names or ["net"], all_reduce_sum(sums).tolist())
-    }
-    keys = ("acc", "loss", "acc5") if num_classes > 5 else ("acc", "loss")
-    out = {f"test/{k}": sum(m[k] for m in per.values()) / len(per) for k in keys}
-    out["test/images"] = n
-    if len(per) > 1:
-        out.update({f"test/{name}/{k}": m[k] for name, m in per.items() for k in keys})
-    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -594,8 +549,11 @@ def _train_epoch(
     return totals
 
 
-def _record(cfg: DictConfig, parts: Parts, epoch: int, steps: int, lr: float, totals: _EpochTotals) -> dict[str, Any]:
-    """Epoch ``epoch``'s line of ``metrics.jsonl``: the training terms and accuracy, then the test metrics."""
+def _record(
+    cfg: DictConfig, parts: Parts, epoch: int, steps: int, lr: float, totals: _EpochTotals
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Epoch ``epoch``'s line of ``metrics.jsonl`` (the training terms and accuracy, then the test metrics),
+    and the test confusion matrix of each network the run is scored by."""
     t0 = time.perf_counter()
     totals = totals.reduced()
     record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
@@ -603,14 +561,19 @@ def _record(cfg: DictConfig, parts: Parts, epoch: int, steps: int, lr: float, to
     record["train/acc"] = 100.0 * float(totals.correct) / totals.seen
     parts.world.broadcast_buffers(parts.model)  # one set of BN statistics (rank 0's, as DDP's next forward would)
     limit, k = cfg.trainer.limit_test_batches, parts.data.num_classes
-    record.update(evaluate(parts.model, parts.method, parts.data.test, limit, parts.autocast, k, parts.device))
+    scores = evaluate(parts.model, parts.method, parts.data.test, limit, parts.autocast, k, parts.device)
+    record.update(scores.metrics)
     record["seconds"] = totals.seconds + time.perf_counter() - t0
     record["train/images_per_s"] = totals.seen / totals.seconds
-    return record
+    return record, scores.confusion
 
 
-def _write_epoch(run_dir: Path, cfg: DictConfig, parts: Parts, record: dict[str, Any], logger) -> None:
-    """Append the epoch's metrics, log them, and save the method's matrices when a snapshot is due."""
+def _write_epoch(
+    run_dir: Path, cfg: DictConfig, parts: Parts, record: dict[str, Any], confusion: dict[str, np.ndarray], logger
+) -> None:
+    """Append the epoch's metrics and log them; save the method's matrices when a snapshot is due, and after
+    the last epoch the test confusion matrices (``test_confusion.npy``; ``test_confusion_<network>.npy`` for a
+    method scored by several networks), rows the true class, columns the predicted one."""
     metrics_path, epoch, t = run_dir / "metrics.jsonl", record["epoch"], cfg.trainer
     with disk_errors(metrics_path), metrics_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -622,24 +585,49 @@ def _write_epoch(run_dir: Path, cfg: DictConfig, parts: Parts, record: dict[str,
             with disk_errors(run_dir / name):
                 np.save(run_dir / name / f"epoch_{epoch:03d}.npy", m)
             logger.log_matrix(name, m, parts.data.class_names, step=epoch)
+    if epoch == t.epochs:
+        for network, counts in confusion.items():
+            path = run_dir / (f"test_confusion_{network}.npy" if network else "test_confusion.npy")
+            with disk_errors(path):
+                np.save(path, counts)
 
 
-def _by_network(record: dict[str, Any]) -> dict[str, float]:
-    """Each network's test accuracy in an epoch's record, for a method scored by several (DML)."""
+def _by_network(record: dict[str, Any], metric: str = "acc") -> dict[str, float]:
+    """Each network's test ``metric`` in an epoch's record, for a method scored by several (DML)."""
     parts = {tuple(k.split("/")): v for k, v in record.items()}
-    return {key[1]: v for key, v in parts.items() if len(key) == 3 and key[0] == "test" and key[2] == "acc"}
+    return {key[1]: v for key, v in parts.items() if len(key) == 3 and key[0] == "test" and key[2] == metric}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str, int], run_dir: Path) -> dict:
-    final = read_metrics(run_dir / "metrics.jsonl")[-1]
+    """``result.json`` of a finished run: the last epoch's test metrics (what the tables report), the best
+    epoch's by test accuracy, and what the run was."""
+    history = read_metrics(run_dir / "metrics.jsonl")
+    final = history[-1]
+    best = next((m for m in history if m["epoch"] == progress.best[1]), final)
     device = parts.device
     return {
         "status": "finished",
         "final_test_acc": final["test/acc"],
         "final_test_acc5": final.get("test/acc5"),
+        "final_test_nll": final["test/loss"],
+        "final_test_ece": final["test/ece"],
         **({"final_test_acc_by_network": nets} if (nets := _by_network(final)) else {}),
+        **({"final_test_ece_by_network": nets} if (nets := _by_network(final, "ece")) else {}),
         "best_test_acc": progress.best[0],
         "best_epoch": progress.best[1],
+        "best_test_nll": best["test/loss"],
+        "best_test_ece": best.get("test/ece"),  # (an epoch logged by alr 0.1.0 has none)
         "epochs": cfg.trainer.epochs,
         "params": params,
         "data": parts.data.info,
@@ -653,6 +641,7 @@ def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str,
         "processes": parts.world.size,
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "cpu": cpu_name(),
         "alr_version": alr.__version__,
     }
 
@@ -716,12 +705,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for epoch in range(progress.epoch, t.epochs):
                 lr = parts.optimizer.param_groups[0]["lr"]
                 totals = _train_epoch(cfg, parts, progress, epoch, steps, stop, bar, save)
-                record = _record(cfg, parts, epoch, steps, lr, totals)
+                record, confusion = _record(cfg, parts, epoch, steps, lr, totals)
                 progress.elapsed += record["seconds"]
                 if record["test/acc"] > progress.best[0]:
                     progress.best = (record["test/acc"], epoch + 1)
                 if world.main:
-                    _write_epoch(run_dir, cfg, parts, record, logger)
+                    _write_epoch(run_dir, cfg, parts, record, confusion, logger)
                 save(epoch + 1, 0, None)
                 bar.set_postfix_str(
                     f"epoch {epoch + 1}/{t.epochs} loss {record['train/loss']:.4f} test {record['test/acc']:.2f}%"
