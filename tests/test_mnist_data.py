@@ -314,7 +314,11 @@ def local_urls():
 
     yield port, serve
     for thing in closing:
-        (thing.shutdown() or thing.server_close()) if isinstance(thing, http.server.HTTPServer) else thing.close()
+        if isinstance(thing, http.server.HTTPServer):
+            thing.shutdown()
+            thing.server_close()
+        else:
+            thing.close()
 
 
 def _served_release(folder: Path, cls, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
