@@ -15,7 +15,6 @@ from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from alr import preempt
 from alr.distributed import _export_slurm_environment, setup
 from alr.errors import RunError
 from alr.loggers import NoLogger, WandbLogger
@@ -163,11 +162,10 @@ def test_rank_0_requeues_first_then_finishes_the_logger_within_the_time_limit(en
     assert (tmp_path / "4242_submitted.pkl").exists()  # the resubmission submitit requeues
 
 
-def test_other_ranks_wait_for_slurm_to_end_the_step_instead_of_exiting(env, tmp_path, monkeypatch):
+def test_other_ranks_wait_for_slurm_to_end_the_step_instead_of_exiting(env, tmp_path):
     """submitit's handler returns at once on rank 1 ("it might kill the master task"); exiting anyway would make
     srun (KillOnBadExit=1) kill rank 0 before it has requeued the job."""
     env.update(srun(1, SUBMITIT_EXECUTOR="slurm"))
-    monkeypatch.setattr(preempt, "is_main", lambda: False)
     events: list = []
     stop = Interrupted(signal.SIGUSR2, "epoch 1", submitit_handler(tmp_path, events))
     start = time.monotonic()
@@ -180,6 +178,21 @@ def test_other_ranks_wait_for_slurm_to_end_the_step_instead_of_exiting(env, tmp_
     with pytest.raises(SystemExit):
         Interrupted(signal.SIGTERM, "epoch 1", signal.SIG_DFL).hand_over(lead_s=60)
     assert time.monotonic() - start < 1
+
+
+def test_a_preempted_job_waits_on_rank_0_too_for_slurm_to_requeue_it(env, tmp_path):
+    """Pre-emption with a grace time: SIGTERM, which submitit leaves to SLURM (a job that ends by itself during
+    the grace time ends FAILED, and is not requeued). The logger is finished before the wait."""
+    env.update(srun(0, SUBMITIT_EXECUTOR="slurm"))
+    events: list = []
+    bypass = submitit_handler(tmp_path, events).__self__.bypass  # what submitit installs for SIGTERM
+    stop = Interrupted(signal.SIGTERM, "epoch 1", bypass)
+    stop.logger = RecordingLogger(events)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as caught:
+        stop.hand_over(lead_s=1.5)
+    assert time.monotonic() - start >= 1.5 and caught.value.code == 128 + signal.SIGTERM
+    assert events == [("finish", 128 + signal.SIGTERM, FINISH_TIMEOUT_S)]  # no requeue: SLURM's own
 
 
 def test_fit_leaves_the_logger_open_for_hand_over_when_interrupted(tmp_path, monkeypatch):

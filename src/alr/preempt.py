@@ -11,10 +11,11 @@ a mid-epoch checkpoint and raises :class:`Interrupted`; the entry point then cal
 exit) or, outside submitit, exits with ``128 + signal``. The requeued job reruns the same command,
 which resumes in the run folder.
 
-Under several SLURM tasks only rank 0 requeues: submitit's handler returns at once on the other ranks, and
-they wait for SLURM to end the job step rather than exit (a task exiting non-zero first makes ``srun``, with
-``KillOnBadExit=1``, kill rank 0 before it has requeued). Rank 0 finishes the logger only after the requeue,
-and within :data:`FINISH_TIMEOUT_S`.
+Under SLURM a process leaves only once the job is requeued: a task that exits non-zero first makes ``srun``
+(with ``KillOnBadExit=1``) end the step, killing rank 0 before it has requeued the job, or ending a
+pre-empted job as failed before SLURM requeues it. So only rank 0 requeues (submitit's handler returns at
+once on the other ranks), and a process whose handler returned waits for SLURM to end the step. Rank 0
+finishes the logger only after the requeue, and within :data:`FINISH_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import threading
 import time
 from types import FrameType
 from typing import Any
-
-from alr.distributed import is_main
 
 # After ``scontrol requeue`` SLURM sends the job SIGTERM (which submitit ignores) and SIGKILL KillWait
 # seconds later (30 by default): the W&B upload gets less than that; what it has not sent stays on disk.
@@ -45,22 +44,23 @@ class Interrupted(Exception):
     def hand_over(self, lead_s: float = 0.0) -> None:
         """Run the handler that was there before (submitit's: requeue), finish the logger, exit ``128 + signal``.
 
-        On rank 0 submitit's handler requeues the job and exits (``SystemExit``); on the other ranks it returns,
-        and under SLURM they then wait for SLURM to end the job step, at most ``lead_s`` seconds (the
-        launcher's ``signal_delay_s``: the job is killed by then anyway).
+        Under SLURM, submitit's handler requeues the job and exits on rank 0 for USR2; it returns on the other
+        ranks, and on every rank for SIGTERM (a pre-empted job is SLURM's to requeue, at the end of its grace
+        time). Where it returns, the process waits for SLURM to end the job step, at most ``lead_s`` seconds
+        (the launcher's ``signal_delay_s``), rather than exit before the job is requeued.
         """
         code = 128 + self.signum
         try:
             if callable(self.previous):
-                self.previous(self.signum, None)  # submitit, rank 0: dump the resubmission, requeue, sys.exit(-1)
-                if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and not is_main():
-                    print(f"[alr] waiting up to {lead_s:.0f} s for SLURM to end the job step", file=sys.stderr)
-                    time.sleep(lead_s)  # a signal SLURM sends meanwhile (SIGTERM: submitit's no-op) does not cut it
+                self.previous(self.signum, None)  # submitit, rank 0, USR2: dump the resubmission, requeue, exit
         finally:
             if self.logger is not None and not self.logger.finish(code, timeout_s=FINISH_TIMEOUT_S):
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)  # W&B's exit hook would wait for the upload that just timed out
+        if callable(self.previous) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            print(f"[alr] waiting up to {lead_s:.0f} s for SLURM to end the job step", file=sys.stderr)
+            time.sleep(lead_s)  # a signal SLURM sends meanwhile (SIGTERM, SIGCONT: submitit's no-ops) does not cut it
         sys.exit(code)
 
 
