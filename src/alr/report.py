@@ -1,4 +1,4 @@
-"""Tables and figures from run folders: ``python -m alr.report {demo,table1,...,table4,figure3,plots,all}``."""
+"""Tables and figures from run folders: ``python -m alr.report {demo,table1,...,table4,fmnist,figure3,plots,all}``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from alr.reporting.figures import residual_label_panels
+from alr.reporting.fmnist import fmnist_report
 from alr.reporting.grid import expected_grid, missing_cells
 from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
@@ -71,11 +72,22 @@ def _epochs(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def fmnist(runs_dir: Path, out_dir: Path) -> None:
+    """Fashion-MNIST: the finished runs archived under ``out_dir/fmnist/runs/``, then the table and figures."""
+    try:
+        written = fmnist_report(runs_dir, out_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}; train them with make reproduce-fmnist")
+    print((out_dir / "fmnist.md").read_text())
+    print("wrote " + ", ".join(map(str, written)))
+
+
 # Experiment name (configs/experiment/<name>.yaml) -> builder(runs_dir, out_dir) of its tables and figures, and
 # the folder under results/ it writes into. `all` calls each builder whose runs/<name>/ holds run folders.
 REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "demo": (demo, "demo"),
     **{name: (partial(table_report, name), "") for name in TABLES},
+    "fmnist": (fmnist, ""),
 }
 
 
@@ -123,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name, help=f"{help_text}: {name}.md and {name}.csv")
         p.add_argument("--runs", type=Path, default=Path(f"runs/{name}"))
         p.add_argument("--out", type=Path, default=Path("results"))
+    p = sub.add_parser("fmnist", help="Fashion-MNIST on a CPU: run records, fmnist.md and .csv, curves, heatmap")
+    p.add_argument("--runs", type=Path, default=Path("runs/fmnist"))
+    p.add_argument("--out", type=Path, default=Path("results"))
     p = sub.add_parser("figure3", help="Figure 3: one ALR run's residual labels at several epochs")
     p.add_argument("--run", type=Path, default=Path("runs/table1/cifar10-preact_resnet18-alr-s0"))
     p.add_argument("--epochs", type=_epochs, default=None, help="e.g. 1,60,160,300 (default: spread over the run)")
@@ -140,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.runs, args.out)
     elif args.what in TABLES:
         table_report(args.what, args.runs, args.out, command)
+    elif args.what == "fmnist":
+        fmnist(args.runs, args.out)
     elif args.what == "figure3":
         figure3(args.run, args.epochs, args.panels, args.out)
     elif args.what == "plots":

@@ -642,6 +642,8 @@ def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str,
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "finished_at": time.time(),
         "alr_version": alr.__version__,
     }
 

@@ -38,6 +38,13 @@ RESULTS = (
     ),
     Result("Table 4", "CIFAR-100, ALR-S against KD and DML", "table4", "make reproduce-table4", "table4.md"),
     Result("Figure 3", "residual labels of CIFAR-10 over training", "table1", "make figure3", "figure3.png"),
+    Result(
+        "Fashion-MNIST (beyond the paper)",
+        "ResNet-32 on a CPU, 4 methods",
+        "fmnist",
+        "make reproduce-fmnist",
+        "fmnist.md",
+    ),
 )
 FIGURE3_RUN = ("cifar10", "preact_resnet18", "alr", 0)  # the run `make figure3` draws by default
 
@@ -99,9 +106,9 @@ def status_rows(runs_root: Path, results_dir: Path, grids: dict[str, Grid] | Non
         if not (Path(CONFIG_DIR) / "experiment" / f"{result.experiment}.yaml").exists():
             rows.append([result.label, result.what, "—", "—", "—", "not in the suite yet"])
             continue
-        runs = [
-            r for r in load_runs(runs_root / result.experiment) if r.config.get("experiment_name") == result.experiment
-        ]
+        # Run folders, else the run records an experiment commits under results/<experiment>/runs/ (Fashion-MNIST).
+        found = load_runs(runs_root / result.experiment) or load_runs(results_dir / result.experiment / "runs")
+        runs = [r for r in found if r.config.get("experiment_name") == result.experiment]
         if result.output.endswith(".png"):
             row = _figure3_row(result, runs, results_dir)
         else:

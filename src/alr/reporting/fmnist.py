@@ -1,0 +1,158 @@
+"""Fashion-MNIST on a CPU (``experiment=fmnist``): its table, learning curves, residual-label heatmap and run records.
+
+The run folders are not tracked, so :func:`archive` copies what the table and the figures read from each
+finished run (``config.yaml``, ``result.json``, ``metrics.jsonl``, ``classes.json``, the test confusion
+matrix and the residual-label snapshots: a few kB a run) into ``results/fmnist/runs/<run>/``, and everything
+is then built from those copies: the committed table regenerates from the repository alone, byte for byte
+(a test checks it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from alr.reporting.figures import residual_label_panels
+from alr.reporting.plots import learning_curves
+from alr.reporting.runs import Run, load_runs
+from alr.reporting.stats import Cell, welch
+from alr.reporting.tables import METHOD_LABELS, SIGNIFICANCE_HEADER, format_acc, format_params, write_table
+
+KEPT = ("config.yaml", "result.json", "metrics.jsonl", "classes.json", "test_confusion.npy")
+SNAPSHOTS = "residual_labels"
+
+
+def archive(runs: list[Run], dest: Path) -> list[Run]:
+    """Copy each finished run's records into ``dest/<run folder name>/`` (replacing an older copy); return
+    the archived runs, read back from ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for run in (r for r in runs if r.status == "finished"):
+        target = dest / run.path.name
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir()
+        for name in KEPT:
+            if (run.path / name).exists():
+                shutil.copy2(run.path / name, target / name)
+        if (run.path / SNAPSHOTS).is_dir():
+            shutil.copytree(run.path / SNAPSHOTS, target / SNAPSHOTS)
+    return load_runs(dest)
+
+
+def confusion_rank_correlation(alr_run: Run, baseline_run: Run) -> float:
+    """Spearman's ρ over the K(K−1) off-diagonal entries between an ALR run's last residual labels
+    (``softmax(S)`` placed as K×K) and a baseline run's row-normalised test confusion matrix: whether
+    ALR's residual labels rank the class pairs as the baseline's mistakes do."""
+    residual = alr_run.snapshot(alr_run.snapshot_epochs()[-1])
+    confusion = np.load(baseline_run.path / "test_confusion.npy").astype(np.float64)
+    confusion /= confusion.sum(axis=1, keepdims=True).clip(min=1)
+    off = ~np.eye(len(residual), dtype=bool)
+    return float(stats.spearmanr(residual[off], confusion[off]).statistic)
+
+
+def _order(method: str) -> tuple[int, str]:
+    labels = list(METHOD_LABELS)
+    return (labels.index(method) if method in labels else len(labels), method)
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def _grid_wall_time(runs: list[Run]) -> float:
+    """Seconds from the first run's start of training to the last run's end (runs trained one after another)."""
+    ends = [r.result["finished_at"] for r in runs if "finished_at" in r.result]
+    starts = [r.result["finished_at"] - r.result["wall_time_s"] for r in runs if "finished_at" in r.result]
+    return max(ends) - min(starts) if ends else float("nan")
+
+
+def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
+    """One row per method: last-epoch test accuracy, ECE and NLL (mean ± std over seeds), the first epoch's
+    training accuracy, Welch's test against the baseline, and for ALR methods the rank correlation of their
+    residual labels with the baseline's confusions (seed s against seed s)."""
+    finished = [r for r in runs if r.status == "finished"]
+    by_method: dict[str, list[Run]] = defaultdict(list)
+    for run in sorted(finished, key=lambda r: r.seed):
+        by_method[run.key[2]].append(run)
+    baseline = {r.seed: r for r in by_method.get("baseline", [])}
+    header = [
+        "Method",
+        "Test accuracy (%)",
+        "Seeds",
+        "Test ECE (%)",
+        "Test NLL",
+        "Train acc., epoch 1 (%)",
+        SIGNIFICANCE_HEADER,
+        "ρ(residual labels, confusions)",
+        "Params (backbone + method)",
+    ]
+    cells = {m: Cell(values=[r.result["final_test_acc"] for r in rs]) for m, rs in by_method.items()}
+    rows = []
+    for method in sorted(by_method, key=_order):
+        rs = by_method[method]
+        comparison = welch(cells[method], cells["baseline"]) if method != "baseline" and "baseline" in cells else None
+        rhos = [
+            confusion_rank_correlation(r, baseline[r.seed]) for r in rs if r.snapshot_epochs() and r.seed in baseline
+        ]
+        rows.append(
+            [
+                METHOD_LABELS.get(method, method),
+                format_acc(cells[method], seeds),
+                str(len(rs)),
+                _mean_std([r.result["final_test_ece"] for r in rs], 2),
+                _mean_std([r.result["final_test_nll"] for r in rs], 3),
+                _mean_std([r.metrics()[0]["train/acc"] for r in rs], 1),
+                comparison.format() if comparison else "",
+                _mean_std(rhos, 2) if rhos else "",
+                format_params(rs[0].result.get("params")),
+            ]
+        )
+    cpus = ", ".join(sorted({str(r.result.get("cpu", "?")) for r in finished})) or "—"
+    torches = ", ".join(sorted({str(r.result.get("torch_version", "?")) for r in finished})) or "—"
+    threads = ", ".join(sorted({str(r.result.get("threads", "?")) for r in finished})) or "—"
+    epochs = sorted({int(r.result["epochs"]) for r in finished})
+    notes = [
+        "Fashion-MNIST (Xiao et al. 2017), ResNet-32 with a one-channel stem, trained on a fixed stratified "
+        "subset of 10,000 training images and scored on all 10,000 test images (`configs/experiment/fmnist.yaml`). "
+        f"Every number is after the last epoch ({', '.join(map(str, epochs)) or '—'}), mean ± sample std over "
+        f"the seeds that finished ({seeds} expected).",
+        "ECE: expected calibration error, 15 equal-width confidence bins. NLL: the test set's mean cross entropy. "
+        "Train acc., epoch 1: the running training accuracy of the first epoch.",
+        "Δ vs baseline: the method's mean minus the baseline's, in points, with the two-sided p-value of Welch's "
+        "t-test over seeds; * marks p < 0.05.",
+        "ρ: Spearman's rank correlation over the 90 off-diagonal entries between an ALR run's residual labels "
+        "after the last epoch and the row-normalised test confusion matrix of the baseline run of the same seed; "
+        "mean ± std over seeds.",
+        "What this table does and does not test: docs/fashion-mnist.md. The paper's claims are about 300-epoch "
+        "CIFAR runs; this is a 10-epoch CPU schedule.",
+        f"Generated by `python -m alr.report fmnist` from the {len(runs)} run records in `results/fmnist/runs/` "
+        f"({len(finished)} finished); trained on {cpus} ({threads} threads) with torch {torches}: "
+        f"{sum(r.result['wall_time_s'] for r in finished) / 60:.1f} min of training and evaluation, "
+        f"{_grid_wall_time(finished) / 60:.1f} min of wall time for the grid.",
+    ]
+    return write_table(rows, header, out_md, "Fashion-MNIST on a CPU: test accuracy, calibration, confusions", notes)
+
+
+def fmnist_report(runs_dir: Path, results_dir: Path) -> list[Path]:
+    """Archive the finished runs of ``runs_dir`` into ``results_dir/fmnist/runs/``, then write, from those
+    records, ``results_dir/fmnist.{md,csv}``, the learning curves and the heatmap of ALR's first seed."""
+    records = results_dir / "fmnist" / "runs"
+    runs = archive(load_runs(runs_dir) if runs_dir.exists() else [], records)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {runs_dir} nor records under {records}")
+    written = [results_dir / "fmnist.md", results_dir / "fmnist.csv"]
+    fmnist_table(runs, written[0])
+    finished = [r for r in runs if r.status == "finished"]
+    written.append(learning_curves(finished, results_dir / "fmnist" / "curves.png", "Fashion-MNIST, ResNet-32"))
+    alr_runs = sorted((r for r in finished if r.key[2] == "alr" and r.snapshot_epochs()), key=lambda r: r.seed)
+    if alr_runs:
+        written.append(residual_label_panels(alr_runs[0], None, results_dir / "fmnist" / "residual_labels.png"))
+    return written

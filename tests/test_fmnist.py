@@ -1,0 +1,112 @@
+"""Fashion-MNIST on a CPU (experiment=fmnist): the smoke grid end to end, its table from run folders, the
+rank correlation of residual labels with confusions, and the make target."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from alr.data import samples
+from alr.reporting.fmnist import archive, confusion_rank_correlation, fmnist_report
+from alr.reporting.runs import load_run, load_runs
+from conftest import ROOT, run_train
+
+
+@pytest.mark.slow
+def test_the_smoke_grid_trains_and_reports_from_its_archived_records(tmp_path: Path):
+    data = tmp_path / "data"
+    samples.write_mnist(data, "fashion_mnist")
+    runs = tmp_path / "runs"
+    run_train(
+        "experiment=fmnist",
+        "debug=smoke",
+        f"dataset.data_dir={data}",
+        "dataset.train_subset=100",  # of the sample files' 200 (make reproduce-fmnist SMOKE=1 does the same)
+        "seed=0,1",
+        out=runs,
+        multirun=True,
+    )
+    folders = sorted(p.name for p in (runs / "fmnist").iterdir() if p.is_dir())
+    assert folders == [f"fashion_mnist-resnet32-{m}-s{s}" for m in ("alr", "alr_s", "baseline", "slr") for s in (0, 1)]
+    run = runs / "fmnist" / "fashion_mnist-resnet32-alr-s0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["data"]["train_images"] and np.load(run / "test_confusion.npy").shape == (10, 10)
+    assert json.loads((run / "classes.json").read_text())[0] == "T-shirt/top"
+
+    written = fmnist_report(runs / "fmnist", tmp_path / "results")
+    records = tmp_path / "results" / "fmnist" / "runs"
+    assert sorted(p.name for p in records.iterdir()) == folders  # what the table is built from
+    assert sorted(p.name for p in (records / run.name).iterdir()) == [
+        "classes.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "residual_labels",
+        "result.json",
+        "test_confusion.npy",
+    ]
+    table = (tmp_path / "results" / "fmnist.md").read_text()
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0].lstrip("| ") for r in rows] == ["Baseline", "SLR", "ALR", "ALR-S"]
+    assert all(r[2] == "2" for r in rows)  # seeds
+    assert rows[0][7] == "" and rows[2][7] != "" and rows[3][7] != ""  # ρ for the ALR methods only
+    assert "(p" in rows[2][6] and rows[0][6] == ""  # Welch against the baseline, not the baseline itself
+    assert "8 run records in `results/fmnist/runs/` (8 finished)" in table
+    assert {p.name for p in written} >= {"fmnist.md", "fmnist.csv", "curves.png", "residual_labels.png"}
+
+    # From the records alone (the run folders gone), the same bytes.
+    copy = tmp_path / "again" / "fmnist" / "runs"
+    shutil.copytree(records, copy)
+    fmnist_report(tmp_path / "no-runs-here", tmp_path / "again")
+    assert (tmp_path / "again" / "fmnist.md").read_text() == table
+
+
+def _fake_run(folder: Path, method: str, seed: int, residual: np.ndarray | None, confusion: np.ndarray) -> None:
+    folder.mkdir(parents=True)
+    config = {"dataset": {"name": "fashion_mnist"}, "model_name": "resnet32", "method": {"name": method}, "seed": seed}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "result.json").write_text(json.dumps({"status": "finished"}))
+    np.save(folder / "test_confusion.npy", confusion)
+    if residual is not None:
+        (folder / "residual_labels").mkdir()
+        np.save(folder / "residual_labels" / "epoch_001.npy", residual * 0)  # only the last snapshot counts
+        np.save(folder / "residual_labels" / "epoch_002.npy", residual)
+
+
+def test_rank_correlation_of_residual_labels_with_the_baselines_row_normalised_confusions(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 50, size=(4, 4)) + np.diag([500, 100, 900, 300])  # rows of different sizes
+    normalised = counts / counts.sum(axis=1, keepdims=True)
+    off = ~np.eye(4, dtype=bool)
+    same_order = np.where(off, normalised, 0.0)
+    _fake_run(tmp_path / "b", "baseline", 0, None, counts)
+    _fake_run(tmp_path / "a", "alr", 0, same_order, counts)
+    _fake_run(tmp_path / "r", "alr", 0, np.where(off, -normalised, 0.0), counts)
+    _fake_run(tmp_path / "c", "alr", 0, np.where(off, counts, 0), counts)  # raw counts rank differently
+    baseline = load_run(tmp_path / "b")
+    assert confusion_rank_correlation(load_run(tmp_path / "a"), baseline) == pytest.approx(1.0)
+    assert confusion_rank_correlation(load_run(tmp_path / "r"), baseline) == pytest.approx(-1.0)
+    assert confusion_rank_correlation(load_run(tmp_path / "c"), baseline) < 1.0
+    assert [r.path.name for r in archive(load_runs(tmp_path), tmp_path / "kept")] == ["a", "b", "c", "r"]
+
+
+def test_make_reproduce_fmnist_passes_the_data_folder_and_stops_without_it():
+    def dry(*args: str) -> list[str]:
+        proc = subprocess.run(["make", "-n", "reproduce-fmnist", *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return [" ".join(line.split()) for line in proc.stdout.splitlines() if "alr." in line or "test -d" in line]
+
+    plain = dry("FMNIST_DATA=/srv/fmnist")
+    assert "-m alr.train -m experiment=fmnist paths.output_dir=runs dataset.data_dir=/srv/fmnist" in plain[1]
+    assert "-m alr.report fmnist --runs runs/fmnist --out results" in plain[2]
+    guard = subprocess.run(["bash", "-c", plain[0]], capture_output=True, text=True)
+    assert guard.returncode == 1 and "error: no Fashion-MNIST folder at /srv/fmnist" in guard.stderr
+    smoke = dry("SMOKE=1")
+    assert "-m alr.data.samples --out runs/smoke/data fashion_mnist" in smoke[0]
+    assert "debug=smoke dataset.data_dir=runs/smoke/data" in smoke[1] and "/usr/share" not in smoke[1]
+    assert "dataset.train_subset=100" in smoke[1]
