@@ -25,15 +25,13 @@ from pathlib import Path
 import benchutil
 import torch
 from benchutil import add_common_args, describe, setup, sync
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
+from alr.config import compose
 from alr.data.batches import TensorBatches
 from alr.data.samples import write_text_csv
 from alr.data.text import load_encoded
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = ("fasttext", "textrnn", "textrcnn", "charcnn", "transformer")
 
 
@@ -51,10 +49,8 @@ def loader_speeds(data_dir: Path, rows: int) -> dict[str, float]:
 
 def train_speed(model_name: str, data_dir: Path, batch: int, steps: int, device: torch.device, extra: list[str]):
     """Samples per second of ALR-S training steps of ``model_name``, and its parameter count."""
-    GlobalHydra.instance().clear()
     overrides = ["experiment=table3", f"model={model_name}", "method=alr_s", f"dataset.data_dir={data_dir}", *extra]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose(overrides)
     data = load_encoded("ag_news", data_dir, data_dir / "cache", encoding=cfg.dataset.encoding, progress=False)
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device)

@@ -43,17 +43,14 @@ import torch
 import torch.nn.functional as F
 from bench_cifar_pipeline import write_synthetic_cifar10
 from benchutil import add_common_args, describe, flat, interleave, iqr, median, ratio_with_spread, setup, sync
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
+from alr.config import compose
 from alr.trainer import DTYPES, fit, seed_everything
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGET_METHOD = 0.01  # the suite's target (docs/speed.md): alr_s within 1 % of baseline per step
 TARGET_TRAINER = 0.95  # and the trainer at least 0.95 of a bare loop's steps per second
 
@@ -140,7 +137,6 @@ def timed_build(device: torch.device, **kwargs):
 
 def compose_run(method: str, data_dir: str, model: str, batch: int, steps: int, device: str) -> DictConfig:
     """The config ``python -m alr.train`` would compose, shrunk to ``steps`` steps and one tiny test batch."""
-    GlobalHydra.instance().clear()
     overrides = [
         "dataset=cifar10",
         f"dataset.data_dir={data_dir}",
@@ -156,12 +152,7 @@ def compose_run(method: str, data_dir: str, model: str, batch: int, steps: int, 
         "dataset.build.eval_batch_size=16",
         f"dataset.build._target_={__name__}.timed_build",
     ]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose(overrides)
 
 
 def bare_loop(cfg: DictConfig, device: torch.device) -> None:

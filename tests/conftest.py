@@ -51,16 +51,6 @@ def run_train(
 
 def compose(*overrides: str):
     """Compose ``configs/train.yaml`` as the entry point would, with Hydra's runtime values set."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from alr.config import compose as compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):  # the entry point's cfg has no hydra node either; HydraConfig.get() holds it
-        del cfg["hydra"]
-    return cfg
+    return compose_config(overrides)

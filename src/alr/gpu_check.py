@@ -55,18 +55,17 @@ import torch
 from hydra.utils import instantiate
 
 import alr
+from alr.config import CONFIG_DIR, compose
 from alr.config_check import validate
 from alr.flops import peak_tflops, training_flops_per_image
 from alr.reporting.gpu import (
     alr_overhead,
-    compose_config,
     fastest_settings,
     predict,
     render,
     setting_label,
     table_recipes,
 )
-from alr.train import CONFIG_DIR
 from alr.trainer import fit, read_metrics
 
 ROOT = Path(CONFIG_DIR).parent
@@ -365,7 +364,7 @@ def measure(cell: Cell, steps: int, epochs: int, work: Path, device: str = "cuda
         f"paths.output_dir={work}",
         "experiment_name=throughput",
     ]
-    cfg = compose_config(overrides)
+    cfg = compose(overrides)
     validate(cfg)
     run_dir = work / "throughput" / "run"
     fit(cfg, run_dir)
@@ -443,7 +442,7 @@ def flops_per_image(backbones: list[Backbone], device: torch.device) -> dict[str
     out = {}
     for b in backbones:
         try:
-            cfg = compose_config([f"model={b.model}", f"dataset.num_classes={b.num_classes}"])
+            cfg = compose([f"model={b.model}", f"dataset.num_classes={b.num_classes}"])
             model = instantiate(cfg.model)
             out[b.model] = training_flops_per_image(model, b.image_size, b.num_classes, device=device)
         except Exception as e:  # e.g. timm missing for resnet50: that row has no fraction of peak
@@ -458,7 +457,7 @@ def table_plans() -> tuple[list, list[str]]:
     """The recipes of every experiment that trains on a GPU, and a line for each one left out."""
     recipes, skipped = [], []
     for path in sorted(Path(CONFIG_DIR, "experiment").glob("*.yaml")):
-        device = str(compose_config([f"experiment={path.stem}"]).trainer.device)
+        device = str(compose([f"experiment={path.stem}"]).trainer.device)
         if device == "cpu":
             skipped.append(f"{path.stem} (trains on the CPU: trainer.device=cpu)")
             continue

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from alr.config import CONFIG_DIR
 from alr.reporting.figures import residual_label_panels
 from alr.reporting.fmnist import fmnist_report
 from alr.reporting.grid import expected_grid, missing_cells
@@ -16,7 +17,6 @@ from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
 from alr.reporting.status import write_status
 from alr.reporting.tables import demo_table, table1, table2, table3, table4
-from alr.train import CONFIG_DIR
 
 
 def demo(runs_dir: Path, out_dir: Path) -> None:

@@ -12,14 +12,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from alr.checkpoint import write_json
+from alr.config import CONFIG_DIR
 from alr.config_check import ConfigError, excluded, parse_shard, validate
 from alr.distributed import is_main
 from alr.errors import Refused, RunError
 from alr.preempt import Interrupted
 from alr.sweep import REFUSED
 from alr.trainer import NonFiniteLossError, fit, prepare_run_dir
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 class CheckOutputDir(Callback):

@@ -21,13 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
-
+from alr.config import compose
 from alr.reporting.grid import expected_grid
-from alr.train import CONFIG_DIR
 
 # The method whose throughput stands for each method's step (same network, same extra work):
 # SLR is cross entropy with smoothed targets; ALR and ALR-S run the same residual-label loss.
@@ -298,7 +293,7 @@ def table_recipes(experiment: str) -> list[RunRecipe]:
     grid = expected_grid(experiment)
     recipes = []
     for dataset, model, method in grid.cells:
-        cfg = compose_config([f"experiment={experiment}", f"dataset={dataset}", f"model={model}", f"method={method}"])
+        cfg = compose([f"experiment={experiment}", f"dataset={dataset}", f"model={model}", f"method={method}"])
         t, d = cfg.trainer, cfg.dataset
         recipes.append(
             RunRecipe(
@@ -317,15 +312,3 @@ def table_recipes(experiment: str) -> list[RunRecipe]:
             )
         )
     return recipes
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """``configs/train.yaml`` composed with ``overrides`` as the entry point composes it (``${hydra:...}`` resolves)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    GlobalHydra.instance().clear()
-    return cfg

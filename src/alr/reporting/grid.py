@@ -6,13 +6,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from alr.config import compose
 from alr.config_check import excluded
 from alr.reporting.runs import Run
-from alr.train import CONFIG_DIR
 
 CellKey = tuple[str, str, str]  # (dataset name, model, method name), as in Run.key
 GRID_KEYS = ("dataset", "model", "method")
@@ -24,12 +22,6 @@ class Grid:
     cells: list[CellKey]
     seeds: list[int]
     epochs: int  # the recipe's; a run with fewer is shortened
-
-
-def _compose(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
 def _values(params: dict[str, str]) -> dict[str, list[str]]:
@@ -53,19 +45,18 @@ def expected_grid(experiment: str) -> Grid:
     each cell of the product (a composition takes about half a second here): the grid of Table 3 takes 6
     compositions instead of 30. ``grid_exclude`` is matched on the cell's three choices.
     """
-    cfg = _compose([f"experiment={experiment}"])
+    cfg = compose([f"experiment={experiment}"], keep_hydra=True)
     values = _values(dict(cfg.hydra.sweeper.params or {}))
     choices = dict(cfg.hydra.runtime.choices)
     axes = [values.get(k, [choices[k]]) for k in GRID_KEYS]
-    dataset_names = {d: _compose([f"experiment={experiment}", f"dataset={d}"]).dataset.name for d in axes[0]}
-    method_names = {m: _compose([f"experiment={experiment}", f"method={m}"]).method.name for m in axes[2]}
+    dataset_names = {d: compose([f"experiment={experiment}", f"dataset={d}"]).dataset.name for d in axes[0]}
+    method_names = {m: compose([f"experiment={experiment}", f"method={m}"]).method.name for m in axes[2]}
     cells = []
     for dataset, model, method in itertools.product(*axes):
         if excluded(cfg, {**choices, "dataset": dataset, "model": model, "method": method}):
             continue
         cells.append((dataset_names[dataset], model, method_names[method]))
     seeds = [int(s) for s in values.get("seed", [str(cfg.seed)])]
-    GlobalHydra.instance().clear()
     return Grid(experiment, cells, seeds, int(cfg.trainer.epochs))
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from alr.config import CONFIG_DIR
 from alr.reporting.grid import Grid, expected_grid
 from alr.reporting.runs import Run, load_runs
 from alr.reporting.stats import welch
 from alr.reporting.tables import collect, shortened
-from alr.train import CONFIG_DIR
 
 
 @dataclass(frozen=True)
