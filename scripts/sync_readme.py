@@ -21,6 +21,7 @@ SOURCES = {
     "table2": "results/table2.md",
     "table3": "results/table3.md",
     "table4": "results/table4.md",
+    "fmnist": "results/fmnist.md",
     "bench": "results/bench.md",
 }
 MARKER = re.compile(r"<!-- begin:([\w-]+) -->\n.*?<!-- end:\1 -->", re.S)
