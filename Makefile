@@ -10,7 +10,7 @@ NPROC  ?=
 ARGS   ?=
 comma  := ,
 
-.PHONY: help install demo plots results wandb-sync test lint format bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-fmnist figure3 gpu-check gpu-wheels
+.PHONY: help install demo plots results wandb-sync test test-slurm lint format bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-fmnist figure3 gpu-check gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -42,6 +42,11 @@ wandb-sync: $(STAMP) ## upload the W&B runs written offline in the run folders (
 # go to both workers in turn (by default the first quarter of the collection goes to one worker at once).
 test: $(STAMP) ## run the test suite on the CPU (no GPU, no download)
 	$(PY) -m pytest -n 2 --maxschedchunk=1 --durations=8
+
+# tests/slurm/cases.py is not collected by `make test` (pytest collects test_*.py): it starts a one-node SLURM
+# cluster (tests/slurm/cluster.py) in a temporary folder, as root, and stops the daemons it started at the end.
+test-slurm: $(STAMP) ## the SLURM path on a real one-node cluster (root; apt-installs slurm-wlm, munge, slurmdbd, mariadb-server if missing; about 5 min)
+	$(PY) -m pytest tests/slurm/cases.py -v
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check src tests scripts bench
