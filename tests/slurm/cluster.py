@@ -2,9 +2,9 @@
 
 Debian's ``slurm-wlm`` with ``munge`` for authentication, and ``slurmdbd`` on ``mariadb-server`` for the
 accounting that submitit polls (``sacct``). Every daemon runs in the foreground as a child of this
-process, its configuration, state, socket and log in the folder; :meth:`Cluster.stop` ends exactly the
-processes :meth:`Cluster.start` started, by PID, and nothing else on the machine. Needs root (the daemons
-and ``apt-get``), and no systemd.
+process, its configuration, state, socket and log in the folder; :meth:`Cluster.stop` cancels the
+cluster's jobs, then ends exactly the processes :meth:`Cluster.start` started, by PID, and nothing else on
+the machine. Needs root (the daemons and ``apt-get``), and no systemd.
 
 The configuration is made for short tests: a requeued job may start again 10 s after its requeue
 (``cred_expire``); partition ``main`` is pre-empted by partition ``high`` (higher ``PriorityTier``,
@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGES = ["slurm-wlm", "munge", "slurmdbd", "mariadb-server"]
@@ -171,7 +172,7 @@ class Cluster:
         self.pids[name] = proc.pid
         (self.root / "daemons.json").write_text(json.dumps(self.pids))
 
-    def _wait(self, name: str, ready, timeout_s: float = 60) -> None:
+    def _wait(self, name: str, ready: Callable[[], bool], timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while not ready():
             child = self.children[name]
