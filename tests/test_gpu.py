@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from alr import ALRLoss
 from alr.checkpoint import load_checkpoint
 from alr.data import cifar, samples
-from alr.trainer import fit, read_metrics
+from alr.run_folder import read_metrics
+from alr.trainer import fit
 from conftest import compose, run_train
 from faults import faulty
 

@@ -273,7 +273,7 @@ def test_cifar_backbones_take_one_channel_without_overrides(dataset: str, model:
 
 
 def test_loader_keys_may_change_on_resume_and_the_data_keys_may_not() -> None:
-    from alr.trainer import resumable_keys
+    from alr.run_folder import resumable_keys
 
     keys = resumable_keys(compose("dataset=fashion_mnist", "model=resnet32"))
     assert {f"dataset.build.{k}" for k in ("data_dir", "download", "download_timeout_s")} <= keys

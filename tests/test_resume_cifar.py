@@ -99,7 +99,7 @@ def test_a_sweep_resumes_past_changed_loader_keys_and_goes_on_past_a_refused_fol
 
 
 def test_copies_of_resumable_keys_are_found_from_the_interpolations():
-    from alr.trainer import resumable_keys
+    from alr.run_folder import resumable_keys
     from conftest import compose
 
     keys = resumable_keys(compose("dataset=cifar100", "model=resnet32", "method=kd"))

@@ -223,7 +223,7 @@ def test_padding_never_changes_the_output_and_parameter_counts_are_exact(name: s
 
 
 def test_a_text_run_resumes_from_another_data_folder_or_cache_but_not_other_settings():
-    from alr.trainer import config_differences, resumable_keys
+    from alr.run_folder import config_differences, resumable_keys
 
     def differences(*overrides: str) -> list[str]:
         now = compose("dataset=ag_news", "model=fasttext", *overrides)

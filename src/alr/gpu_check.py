@@ -66,7 +66,8 @@ from alr.reporting.gpu import (
     setting_label,
     table_recipes,
 )
-from alr.trainer import fit, read_metrics
+from alr.run_folder import read_metrics
+from alr.trainer import fit
 
 ROOT = Path(CONFIG_DIR).parent
 # Optional parts: imported only here, inside a try, never by the check's own code paths.

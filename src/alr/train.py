@@ -17,8 +17,9 @@ from alr.config_check import ConfigError, excluded, parse_shard, validate
 from alr.distributed import is_main
 from alr.errors import Refused, RunError
 from alr.preempt import Interrupted
+from alr.run_folder import prepare_run_dir
 from alr.sweep import REFUSED
-from alr.trainer import NonFiniteLossError, fit, prepare_run_dir
+from alr.trainer import NonFiniteLossError, fit
 
 
 class CheckOutputDir(Callback):

@@ -3,7 +3,8 @@
 Read top to bottom: checks of the run folder, set-up (device, data, model, method, optimizer),
 resume from ``last.pt``, then per epoch: train, evaluate, write ``metrics.jsonl`` / snapshots /
 ``last.pt``; finally ``result.json``. The loop knows nothing about any method: ``method(model, x, y)``
-returns the loss, the logits and the terms to log (see :mod:`alr.methods.supervised`).
+returns the loss, the logits and the terms to log (see :mod:`alr.methods.supervised`). What the run folder
+holds and how a resume is checked against it is :mod:`alr.run_folder`; scoring is :mod:`alr.evaluation`.
 
 Reliability (docs/reliability.md):
 
@@ -27,11 +28,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
-import platform
 import random
-import tempfile
 import time
 from contextlib import nullcontext
 from itertools import islice
@@ -40,57 +38,31 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
 import alr
+from alr import run_folder
 from alr.checkpoint import (
-    disk_errors,
     load_checkpoint,
     save_checkpoint,
-    stale_temporaries,
     write_json,
-    write_text,
 )
 from alr.distributed import World, all_reduce_sum, setup
-from alr.errors import CheckpointError, RunError, RunFolderConflict
+from alr.errors import CheckpointError, RunError
 from alr.evaluation import evaluate
 from alr.loggers import NoLogger, build_logger
 from alr.preempt import Interrupted, StopOnSignal
+from alr.run_folder import prepare_run_dir, resumable_keys, skip_if_finished, start_run_folder, write_epoch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch, step and term."""
-
-
-# Keys that may change between the run that wrote a folder and the command that resumes it: where
-# things are read and written, how progress is shown, which device (and which shard's process) runs it.
-RESUMABLE_CHANGES = (
-    "shard",
-    "paths",
-    "logger",
-    "trainer.progress",
-    "trainer.log_every",
-    "trainer.resume",
-    "trainer.keep_checkpoint",
-    "trainer.device",
-    "trainer.channels_last",
-    "trainer.compile",
-    "dataset.data_dir",
-    "dataset.folder",
-    "dataset.download",
-    "dataset.download_timeout_s",
-    "dataset.num_workers",
-    "dataset.num_train",
-    "dataset.num_test",
-    "dataset.cache_dir",
-)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -164,98 +136,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device, path: Path) -> No
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def resumable_keys(cfg: DictConfig) -> set[str]:
-    """:data:`RESUMABLE_CHANGES`, plus every key whose value is computed from one of them.
-
-    A config node may copy a resumable key by interpolation (``dataset.build.data_dir: ${..data_dir}``,
-    a KD teacher's folder under ``${paths.output_dir}``); such a copy may change with the key it copies.
-    The copies are found from the interpolations themselves, for every data set and method: each
-    resumable leaf is set to a distinct marker in a copy of the config, and the keys whose resolved
-    value then differs depend on one. (A key that mixes in a non-resumable key is safe to skip here:
-    that key is compared on its own.)
-    """
-    marked = copy.deepcopy(cfg)
-    raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    leaves = [k for k in raw if any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
-    with open_dict(marked):
-        for i, leaf in enumerate(leaves):
-            OmegaConf.update(marked, leaf, f"<resumable {i}>", force_add=True)
-    try:
-        before = _flatten(OmegaConf.to_container(cfg, resolve=True))
-        after = _flatten(OmegaConf.to_container(marked, resolve=True))
-    except Exception:  # an interpolation that cannot take a marker: keep to the listed keys
-        return set(RESUMABLE_CHANGES)
-    return set(RESUMABLE_CHANGES) | {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-
-
-def config_differences(saved: dict[str, Any], now: dict[str, Any], resumable: set[str] | None = None) -> list[str]:
-    """``key (saved -> now)`` for every key that differs, except the ``resumable`` ones (and their children)."""
-    a, b = _flatten(saved), _flatten(now)
-    skip = set(RESUMABLE_CHANGES) if resumable is None else resumable
-
-    def keep(key: str) -> bool:
-        return not any(key == p or key.startswith(p + ".") for p in skip)
-
-    return [
-        f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})"
-        for k in sorted(a.keys() | b.keys())
-        if keep(k) and a.get(k) != b.get(k)
-    ]
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create ``run_dir`` and make sure a file can be written there."""
-    fix = "Point paths.output_dir (or hydra.run.dir) at a folder you can write to."
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as e:
-        raise RunError(f"cannot write the run folder {run_dir} ({e.strerror or e}). {fix}") from e
-
-
-def _check_same_run(run_dir: Path, plain_cfg: dict[str, Any], resumable: set[str]) -> None:
-    """Refuse to resume or skip a run folder that holds a run of another config."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists() or not ((run_dir / "last.pt").exists() or (run_dir / "result.json").exists()):
-        return
-    try:
-        saved = yaml.safe_load(saved_path.read_text())
-        assert isinstance(saved, dict)
-    except Exception as e:
-        raise RunError(
-            f"{saved_path} is not a readable config ({type(e).__name__}). Move the run folder away to start fresh."
-        ) from e
-    if saved.get("config_version") != plain_cfg["config_version"]:
-        raise RunError(
-            f"{saved_path} is config version {saved.get('config_version')!r}, this suite writes version "
-            f"{plain_cfg['config_version']}: the run folder is from another version of the suite. Finish it with "
-            "that version, or start fresh in another folder (a different experiment_name or hydra.run.dir)."
-        )
-    diff = config_differences(saved, plain_cfg, resumable)
-    if diff:
-        raise RunFolderConflict(
-            f"{run_dir} holds a run of another config: {'; '.join(diff)}. Rerun with the saved values to resume, "
-            "choose another folder (experiment_name=... or hydra.run.dir=...), or set trainer.resume=false to "
-            "start over in this folder (its files are overwritten)."
-        )
 
 
 def _build(node: DictConfig, what: str | None, **kwargs: Any) -> Any:
@@ -484,31 +364,6 @@ class Progress:
         return {"elapsed": self.elapsed, "best": self.best}
 
 
-def _skip_if_finished(run_dir: Path, plain_cfg: dict[str, Any], resumable: set[str]) -> dict[str, Any] | None:
-    """The saved result of a finished run of this config, after refusing a folder that holds another config."""
-    _check_same_run(run_dir, plain_cfg, resumable)
-    result_path = run_dir / "result.json"
-    if result_path.exists() and json.loads(result_path.read_text()).get("status") == "finished":
-        print(f"[alr] {run_dir} has finished already: skipping (trainer.resume=false to train again)")
-        return json.loads(result_path.read_text())
-    return None
-
-
-def _start_run_folder(
-    run_dir: Path, plain_cfg: dict[str, Any], parts: Parts, progress: Progress, params: dict[str, int]
-) -> None:
-    """Write the config, trim ``metrics.jsonl`` to the checkpoint, the class names and a running ``result.json``."""
-    ckpt_path, metrics_path = run_dir / "last.pt", run_dir / "metrics.jsonl"
-    for tmp in stale_temporaries(ckpt_path):  # left by a save that was killed mid-write
-        tmp.unlink()
-    write_text(OmegaConf.to_yaml(plain_cfg), run_dir / "config.yaml")
-    # Lines written after the checkpoint we resume from would otherwise appear twice.
-    history = [m for m in read_metrics(metrics_path) if m["epoch"] <= progress.epoch]
-    write_text("".join(json.dumps(m) + "\n" for m in history), metrics_path)
-    write_text(json.dumps(parts.data.class_names) + "\n", run_dir / "classes.json")
-    write_json({"status": "running", "params": params, "data": parts.data.info}, run_dir / "result.json")
-
-
 def _train_epoch(
     cfg: DictConfig, parts: Parts, progress: Progress, epoch: int, steps: int, stop: StopOnSignal, bar: tqdm, save
 ) -> _EpochTotals:
@@ -568,92 +423,12 @@ def _record(
     return record, scores.confusion
 
 
-def _write_epoch(
-    run_dir: Path, cfg: DictConfig, parts: Parts, record: dict[str, Any], confusion: dict[str, np.ndarray], logger
-) -> None:
-    """Append the epoch's metrics and log them; save the method's matrices when a snapshot is due, and after
-    the last epoch the test confusion matrices (``test_confusion.npy``; ``test_confusion_<network>.npy`` for a
-    method scored by several networks), rows the true class, columns the predicted one."""
-    metrics_path, epoch, t = run_dir / "metrics.jsonl", record["epoch"], cfg.trainer
-    with disk_errors(metrics_path), metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    logger.log(record, step=epoch)
-    if epoch % t.snapshot_every == 0 or epoch == t.epochs:
-        for name, matrix in parts.method.snapshots().items():
-            (run_dir / name).mkdir(exist_ok=True)
-            m = matrix.float().cpu().numpy()
-            with disk_errors(run_dir / name):
-                np.save(run_dir / name / f"epoch_{epoch:03d}.npy", m)
-            logger.log_matrix(name, m, parts.data.class_names, step=epoch)
-    if epoch == t.epochs:
-        for network, counts in confusion.items():
-            path = run_dir / (f"test_confusion_{network}.npy" if network else "test_confusion.npy")
-            with disk_errors(path):
-                np.save(path, counts)
-
-
-def _by_network(record: dict[str, Any], metric: str = "acc") -> dict[str, float]:
-    """Each network's test ``metric`` in an epoch's record, for a method scored by several (DML)."""
-    parts = {tuple(k.split("/")): v for k, v in record.items()}
-    return {key[1]: v for key, v in parts.items() if len(key) == 3 and key[0] == "test" and key[2] == metric}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's word for it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _result(cfg: DictConfig, parts: Parts, progress: Progress, params: dict[str, int], run_dir: Path) -> dict:
-    """``result.json`` of a finished run: the last epoch's test metrics (what the tables report), the best
-    epoch's by test accuracy, and what the run was."""
-    history = read_metrics(run_dir / "metrics.jsonl")
-    final = history[-1]
-    best = next((m for m in history if m["epoch"] == progress.best[1]), final)
-    device = parts.device
-    return {
-        "status": "finished",
-        "final_test_acc": final["test/acc"],
-        "final_test_acc5": final.get("test/acc5"),
-        "final_test_nll": final["test/loss"],
-        "final_test_ece": final["test/ece"],
-        **({"final_test_acc_by_network": nets} if (nets := _by_network(final)) else {}),
-        **({"final_test_ece_by_network": nets} if (nets := _by_network(final, "ece")) else {}),
-        "best_test_acc": progress.best[0],
-        "best_epoch": progress.best[1],
-        "best_test_nll": best["test/loss"],
-        "best_test_ece": best.get("test/ece"),  # (an epoch logged by alr 0.1.0 has none)
-        "epochs": cfg.trainer.epochs,
-        "params": params,
-        "data": parts.data.info,
-        "wall_time_s": progress.elapsed,
-        "experiment": cfg.experiment_name,
-        "dataset": cfg.dataset.name,
-        "model": cfg.model_name,
-        "method": cfg.method.name,
-        "seed": cfg.seed,
-        "precision": cfg.trainer.precision,
-        "processes": parts.world.size,
-        "torch_version": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "finished_at": time.time(),
-        "alr_version": alr.__version__,
-    }
-
-
 def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from ``last.pt`` there) and return its result."""
     ckpt_path, t = run_dir / "last.pt", cfg.trainer
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     prepare_run_dir(run_dir)
-    if t.resume and (done := _skip_if_finished(run_dir, plain_cfg, resumable_keys(cfg))) is not None:
+    if t.resume and (done := skip_if_finished(run_dir, plain_cfg, resumable_keys(cfg))) is not None:
         return done
 
     # --- set-up: nothing is written until everything that can refuse the run has been checked ---
@@ -680,7 +455,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # --- the run folder: from here on files are written, by rank 0 only ---
     params = {"backbone": count_params(parts.model), "method": count_params(parts.method)}
     if world.main:
-        _start_run_folder(run_dir, plain_cfg, parts, progress, params)
+        start_run_folder(run_dir, plain_cfg, progress.epoch, parts.data.class_names, parts.data.info, params)
     logger = build_logger(plain_cfg, run_dir) if world.main else NoLogger()
     steps = min(len(parts.data.train), t.limit_train_batches or len(parts.data.train))
     bar = tqdm(
@@ -712,7 +487,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if record["test/acc"] > progress.best[0]:
                     progress.best = (record["test/acc"], epoch + 1)
                 if world.main:
-                    _write_epoch(run_dir, cfg, parts, record, confusion, logger)
+                    write_epoch(run_dir, cfg, parts.method, parts.data.class_names, record, confusion, logger)
                 save(epoch + 1, 0, None)
                 bar.set_postfix_str(
                     f"epoch {epoch + 1}/{t.epochs} loss {record['train/loss']:.4f} test {record['test/acc']:.2f}%"
@@ -727,7 +502,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         bar.close()
         logger.finish(exit_code)
 
-    result = _result(cfg, parts, progress, params, run_dir)
+    result = run_folder.result(
+        cfg, run_dir, progress.best, progress.elapsed, params, parts.data.info, world.size, parts.device
+    )
     if world.distributed:  # DDP and the method's averaged gradients keep every rank's copy equal: check it
         result["identical_on_all_ranks"] = world.identical(parts.model, parts.method)
     if world.main:
