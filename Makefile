@@ -46,7 +46,7 @@ test: $(STAMP) ## run the test suite on the CPU (no GPU, no download)
 # tests/slurm/cases.py is not collected by `make test` (pytest collects test_*.py): it starts a one-node SLURM
 # cluster (tests/slurm/cluster.py) in a temporary folder, as root, and stops the daemons it started at the end.
 test-slurm: $(STAMP) ## the SLURM path on a real one-node cluster (root; apt-installs slurm-wlm, munge, slurmdbd, mariadb-server if missing; about 5 min)
-	$(PY) -m pytest tests/slurm/cases.py -v
+	$(PY) -m pytest tests/slurm/cases.py -v -s
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check src tests scripts bench
