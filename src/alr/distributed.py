@@ -179,8 +179,6 @@ def _export_slurm_environment() -> None:
     (``srun torchrun ...``: torchrun, not SLURM, started this process). Either way every task ends up in one
     process group; N tasks never train N copies of the run into one folder.
     """
-    from submitit.slurm.slurm import SlurmJobEnvironment
-
     env = os.environ
     if "TORCHELASTIC_RUN_ID" in env:
         return
@@ -193,6 +191,7 @@ def _export_slurm_environment() -> None:
         )
     if tasks <= 1:
         return
+    from submitit.slurm.slurm import SlurmJobEnvironment  # here only: a GPU node may have torch without submitit
 
     class Step(SlurmJobEnvironment):  # submitit's node-list parser, on the step's nodes
         _env = {**SlurmJobEnvironment._env, "nodes": "SLURM_STEP_NODELIST"}
