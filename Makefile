@@ -153,7 +153,7 @@ endif
 # Fashion-MNIST reads the four IDX files from FMNIST_DATA: Debian's dataset-fashion-mnist package installs them in
 # /usr/share/datasets/fashion-mnist. No fallback: a missing folder stops here with what to do. Its run records,
 # table and figures are committed (results/fmnist*), so the table regenerates without the runs. SMOKE=1 trains
-# on 100 of the 200 training images the sample files hold (the recipe's subset is 10,000).
+# on 100 of the 200 training images the sample files hold (the recipe's subset is 8,000).
 FMNIST_DATA ?= /usr/share/datasets/fashion-mnist
 reproduce-fmnist: $(STAMP) ## Fashion-MNIST on the CPU: 12 runs, under an hour on 2 cores, then results/fmnist.md and results/fmnist/ (FMNIST_DATA=, SMOKE=1)
 ifeq ($(SMOKE),1)

@@ -110,3 +110,18 @@ def test_make_reproduce_fmnist_passes_the_data_folder_and_stops_without_it():
     assert "-m alr.data.samples --out runs/smoke/data fashion_mnist" in smoke[0]
     assert "debug=smoke dataset.data_dir=runs/smoke/data" in smoke[1] and "/usr/share" not in smoke[1]
     assert "dataset.train_subset=100" in smoke[1]
+
+
+def test_the_committed_table_regenerates_from_the_committed_records_byte_for_byte(tmp_path: Path):
+    """results/fmnist.md comes from real runs of the whole grid: every cell × every seed, each finished."""
+    from alr.reporting.fmnist import fmnist_table
+    from alr.reporting.grid import expected_grid
+
+    records = load_runs(ROOT / "results" / "fmnist" / "runs")
+    grid = expected_grid("fmnist")
+    assert sorted((r.key, r.seed) for r in records) == sorted((c, s) for c in grid.cells for s in grid.seeds)
+    assert all(r.status == "finished" and not r.config["trainer"]["limit_train_batches"] for r in records)
+    assert all(r.result["epochs"] == grid.epochs == len(r.metrics()) for r in records)
+    fmnist_table(records, tmp_path / "fmnist.md")
+    assert (tmp_path / "fmnist.md").read_text() == (ROOT / "results" / "fmnist.md").read_text()
+    assert (tmp_path / "fmnist.csv").read_text() == (ROOT / "results" / "fmnist.csv").read_text()
