@@ -175,12 +175,14 @@ def test_running_and_batch_accuracy():
     assert per_batch.last_terms["w"].item() == 1.0
 
 
-def test_class_mean_applies_the_literal_factors():
+@pytest.mark.parametrize("switch,hard", [("residual_mean", 1), ("class_mean", 10)])
+def test_mean_normalisations_divide_the_terms(switch: str, hard: int):
+    """residual_mean: the residual terms averaged over the K−1 classes; class_mean: the literal 1/K on L_hard too."""
     K = 10
     logits, y = _batch(8, K)
-    a, b = ALRLoss(K), ALRLoss(K, class_mean=True)
+    a, b = ALRLoss(K), ALRLoss(K, **{switch: True})
     a(logits, y), b(logits, y)
-    torch.testing.assert_close(b.last_terms["L_hard"], a.last_terms["L_hard"] / K)
+    torch.testing.assert_close(b.last_terms["L_hard"], a.last_terms["L_hard"] / hard)
     torch.testing.assert_close(b.last_terms["L_res"], a.last_terms["L_res"] / (K - 1))
     torch.testing.assert_close(b.last_terms["L_upd"], a.last_terms["L_upd"] / (K - 1))
 
@@ -227,11 +229,12 @@ def test_bad_arguments_are_rejected():
 @pytest.mark.parametrize("K", [2, 10, 100, 1000])
 @pytest.mark.parametrize("B", [1, 33, 128])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("class_mean", [False, True])
-def test_fused_path_equals_the_plain_autograd_definition(K: int, B: int, eps: float, class_mean: bool):
+@pytest.mark.parametrize("normalisation", ["sum", "residual_mean", "class_mean"])
+def test_fused_path_equals_the_plain_autograd_definition(K: int, B: int, eps: float, normalisation: str):
     """ALRLoss's one-node forward/backward gives the values and gradients of plain autograd on eq. 3–5."""
     logits, y = _batch(B, K, seed=K + B)
-    crit = ALRLoss(K, label_smoothing=eps, class_mean=class_mean)
+    switches = {normalisation: True} if normalisation != "sum" else {}
+    crit = ALRLoss(K, label_smoothing=eps, **switches)
     with torch.no_grad():
         crit.S.normal_(0, 2, generator=torch.Generator().manual_seed(K))
     crit.correct.fill_(3)  # a running accuracy from earlier batches, so w is not a batch quantity
@@ -240,7 +243,7 @@ def test_fused_path_equals_the_plain_autograd_definition(K: int, B: int, eps: fl
     loss.backward()
 
     z, S = logits.detach().clone().requires_grad_(), crit.S.detach().clone().requires_grad_()
-    c = (K, K - 1, K - 1) if class_mean else (1, 1, 1)
+    c = {"sum": (1, 1, 1), "residual_mean": (1, K - 1, K - 1), "class_mean": (K, K - 1, K - 1)}[normalisation]
     l_hard, l_res, l_upd = (t / ci for t, ci in zip(alr_terms_reference(z, S, y, eps), c))
     w = crit.last_terms["w"]
     torch.testing.assert_close(w, 1 - (3 + (z.argmax(1) == y).sum()) / (7 + B))

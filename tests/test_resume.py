@@ -97,3 +97,19 @@ def test_alr_killed_after_epoch_1_then_stopped_mid_epoch_2_then_resumed_is_bit_i
     assert "resuming" in proc.stdout and "after step 2 of epoch 2" in proc.stdout  # one count in both messages
     assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2]
     _assert_bit_identical(straight, run_dir)
+
+
+def test_a_run_folder_made_before_a_key_was_added_compares_as_its_old_value():
+    """residual_mean came after the first ALR runs: their folders (without it) equal residual_mean=false."""
+    from alr.run_folder import config_differences
+
+    old = {"method": {"name": "alr", "module": {"criterion": {"class_mean": False}}}}
+    assert (
+        config_differences(
+            old, {"method": {"name": "alr", "module": {"criterion": {"class_mean": False, "residual_mean": False}}}}
+        )
+        == []
+    )
+    assert config_differences(
+        old, {"method": {"name": "alr", "module": {"criterion": {"class_mean": False, "residual_mean": True}}}}
+    ) == ["method.module.criterion.residual_mean (False -> True)"]

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from alr import CONFIG_VERSION
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-METHODS = ("baseline", "slr", "alr", "alr_s", "kd", "dml")
+METHODS = ("baseline", "slr", "alr", "alr_s", "alr_mean", "alr_s_mean", "kd", "dml")
 
 
 class ConfigError(ValueError):

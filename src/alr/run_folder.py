@@ -87,9 +87,16 @@ def resumable_keys(cfg: DictConfig) -> set[str]:
     return set(RESUMABLE_CHANGES) | {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
+# Keys added to the configs after runs were made without them, with the value those runs had: a saved config
+# that lacks one (where the current config has it) is compared as if it held that value, so run folders made
+# before the key existed still resume or are skipped as finished.
+ADDED_KEYS = {"method.module.criterion.residual_mean": False}
+
+
 def config_differences(saved: dict[str, Any], now: dict[str, Any], resumable: set[str] | None = None) -> list[str]:
     """``key (saved -> now)`` for every key that differs, except the ``resumable`` ones (and their children)."""
     a, b = _flatten(saved), _flatten(now)
+    a |= {k: v for k, v in ADDED_KEYS.items() if k not in a and k in b}
     skip = set(RESUMABLE_CHANGES) if resumable is None else resumable
 
     def keep(key: str) -> bool:

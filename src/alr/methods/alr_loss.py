@@ -118,9 +118,12 @@ class ALRLoss(nn.Module):
 
     Choices where the paper is silent (also in docs/deviations.md):
 
-    * **Normalisation.** Eq. 4–5 write ``1/(K−1)`` and the CE of §3 ``1/K``, but the gradients of
-      eq. 7–8 carry no such factor. Default: plain cross entropy (sum over classes, mean over the
-      batch), which is what eq. 8 describes. ``class_mean=True`` applies the literal factors.
+    * **Normalisation.** Eq. 4–5 write ``1/(K−1)`` in front of ``L_res`` and ``L_upd`` and the CE of
+      §3 ``1/K``, but the gradients of eq. 7–8 carry no such factor. Default: every term a plain cross
+      entropy (sum over classes, mean over the batch), as eq. 8 describes. ``residual_mean=True``
+      averages ``L_res`` and ``L_upd`` over the K−1 residual classes, ``L_hard`` the usual cross entropy:
+      the residual pull is then (K−1)× weaker. ``class_mean=True`` is the literal reading, which also
+      divides ``L_hard`` by K (and so the effective learning rate); it implies ``residual_mean``.
     * **acc_train** (the weight of §3.2, "approximately" ``1 − acc_train``): the running top-1
       accuracy of this epoch's training batches *including the current one*, from the same logits,
       reset by :meth:`reset_epoch`. ``acc_source="batch"`` uses the current batch alone. The
@@ -143,6 +146,7 @@ class ALRLoss(nn.Module):
         label_smoothing: float = 0.0,
         acc_source: str = "running",
         class_mean: bool = False,
+        residual_mean: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -155,6 +159,7 @@ class ALRLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.acc_source = acc_source
         self.class_mean = class_mean
+        self.residual_mean = residual_mean or class_mean
         self.S = nn.Parameter(torch.zeros(num_classes, num_classes - 1))
         # Running counts of this epoch's correct predictions; buffers so they land in checkpoints.
         self.register_buffer("correct", torch.zeros((), dtype=torch.float64))
@@ -199,7 +204,8 @@ class ALRLoss(nn.Module):
                 self.seen += seen
                 w = 1.0 - self.acc_train
             K = self.num_classes
-            scale = (1.0 / K, 1.0 / (K - 1), 1.0 / (K - 1)) if self.class_mean else (1.0, 1.0, 1.0)
+            residual = 1.0 / (K - 1) if self.residual_mean else 1.0
+            scale = (1.0 / K if self.class_mean else 1.0, residual, residual)
             loss, terms = _ALRFunction.apply(z, self.S.float(), targets, w, self.label_smoothing, scale)
         self.last_terms = {"L_hard": terms[0], "L_res": terms[1], "L_upd": terms[2], "w": w}
         return loss
@@ -207,5 +213,5 @@ class ALRLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, "
-            f"acc_source={self.acc_source!r}, class_mean={self.class_mean}"
+            f"acc_source={self.acc_source!r}, class_mean={self.class_mean}, residual_mean={self.residual_mean}"
         )

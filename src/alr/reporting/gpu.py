@@ -31,6 +31,8 @@ METHOD_COST: dict[str, tuple[str, float]] = {
     "slr": ("baseline", 1.0),
     "alr": ("alr_s", 1.0),
     "alr_s": ("alr_s", 1.0),
+    "alr_mean": ("alr_s", 1.0),
+    "alr_s_mean": ("alr_s", 1.0),
     "dml": ("baseline", 2.0),  # two networks of one architecture, each a full step (docs/deviations.md#the-methods)
 }
 SETTING_KEYS = ("precision", "channels_last", "compile")

@@ -35,7 +35,16 @@ PANELS = [
 METHOD_ORDER = list(METHOD_LABELS)
 COLORS = dict(zip(METHOD_ORDER, plt.get_cmap("tab10").colors))
 # Methods whose curves coincide (SLR and ALR-S share the smoothed L_hard) stay apart by their dashes.
-LINESTYLES = {"baseline": "-", "slr": ":", "alr": "-", "alr_s": "--", "kd": "-.", "dml": (0, (5, 1, 1, 1, 1, 1))}
+LINESTYLES = {
+    "baseline": "-",
+    "slr": ":",
+    "alr": "-",
+    "alr_s": "--",
+    "alr_mean": "-",
+    "alr_s_mean": "--",
+    "kd": "-.",
+    "dml": (0, (5, 1, 1, 1, 1, 1)),
+}
 ALR_METHODS = ("alr", "alr_s")
 
 

@@ -10,7 +10,16 @@ from pathlib import Path
 from alr.reporting.runs import Run
 from alr.reporting.stats import Cell, welch
 
-METHOD_LABELS = {"baseline": "Baseline", "slr": "SLR", "alr": "ALR", "alr_s": "ALR-S", "kd": "KD", "dml": "DML"}
+METHOD_LABELS = {
+    "baseline": "Baseline",
+    "slr": "SLR",
+    "alr": "ALR",
+    "alr_s": "ALR-S",
+    "alr_mean": "ALR, averaged",
+    "alr_s_mean": "ALR-S, averaged",
+    "kd": "KD",
+    "dml": "DML",
+}
 
 
 def collect(runs: list[Run], metric: str = "final_test_acc") -> dict[tuple[str, str, str], Cell]:
