@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,18 @@ def test_resume_reads_the_checkpoint_to_the_cpu_whatever_the_training_device(sto
     with pytest.raises(_Stop):
         trainer.fit(cfg, stopped)
     assert targets == ["cpu"]
+
+
+def test_a_mid_epoch_checkpoint_of_alr_0_1_0_resumes_to_the_end(stopped: Path, tmp_path: Path):
+    """alr 0.1.0 saved one RNG state (rank 0's, numpy's as its own tuple) and the epoch's sums over all ranks."""
+    run_dir = tmp_path / stopped.name
+    shutil.copytree(stopped, run_dir)
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    ckpt["rng"], ckpt["partial"] = old_rng, ckpt["partial"][0]
+    ckpt.pop("world_size")
+    torch.save(ckpt, run_dir / "last.pt")
+    result = trainer.fit(compose(*FAST, f"paths.output_dir={tmp_path}"), run_dir)
+    assert result["status"] == "finished" and [
+        m["epoch"] for m in trainer.run_folder.read_metrics(run_dir / "metrics.jsonl")
+    ] == [1, 2]

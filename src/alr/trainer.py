@@ -352,12 +352,19 @@ class Parts:
             ) from e
 
 
+def per_rank(saved: Any) -> list[Any]:
+    """A checkpoint's entry that :meth:`World.gather` saved, one per rank. alr 0.1.0 saved one value instead
+    (rank 0's RNG states; the epoch's sums over all ranks): it stands for a run of one process."""
+    return saved if isinstance(saved, list) else [saved]
+
+
 class Progress:
     """Where training stands: whole epochs done, steps done of the next one, time and the best test accuracy."""
 
     def __init__(self, ckpt: dict[str, Any] | None = None) -> None:
         ckpt = ckpt or {}
-        self.epoch, self.step, self.partial = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("partial")
+        self.epoch, self.step = ckpt.get("epoch", 0), ckpt.get("step", 0)
+        self.partial = per_rank(ckpt["partial"]) if ckpt.get("partial") is not None else None
         self.elapsed, self.best = ckpt.get("elapsed", 0.0), tuple(ckpt.get("best", (-1.0, 0)))
 
     def state_dict(self) -> dict[str, Any]:
@@ -439,7 +446,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if t.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)  # to the CPU: load_state_dict copies onto the device
         parts.load_state_dict(ckpt, ckpt_path)
-        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank (alr 0.1.0: rank 0's)
+        rng = per_rank(ckpt["rng"])
         set_rng_state(world.own_share(rng) or rng[0], parts.device, ckpt_path)
         progress = Progress(ckpt)
         if world.main:  # the global batch is the same (a config key), so another process count trains the same steps
