@@ -15,8 +15,9 @@ from conftest import ROOT
 from faults import faulty
 from test_imagenet import write_tree
 
-# A small CNN keeps the two processes' start-up (imports) the main cost; the model does not matter here.
-OVERRIDES = [
+# A run of two processes in seconds on write_tree's images (12 training images: 3 global batches of 4; 9 for
+# validation): a small CNN keeps the processes' start-up (imports) the main cost. Also make test-slurm's.
+TWO_PROCESS_RUN = [
     "dataset=imagenet",
     "dataset.num_classes=3",
     "dataset.image_size=32",
@@ -26,14 +27,13 @@ OVERRIDES = [
     "model=digits_cnn",
     "+model.in_channels=3",
     "model.width=8",
-    "method=alr",
-    *faulty("alr.ALRLoss"),
     "debug=fast",
     "trainer.limit_train_batches=null",
     "trainer.limit_test_batches=null",
     "trainer.batch_size=4",
     "trainer.log_every=1",
 ]
+OVERRIDES = [*TWO_PROCESS_RUN, "method=alr", *faulty("alr.ALRLoss")]
 
 
 def torchrun(out: Path, data: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -81,9 +81,9 @@ def test_torchrun_two_processes_agree_count_validation_once_and_resume_bit_ident
 
 def test_a_slurm_task_started_by_submitit_finds_its_rank_and_the_master(monkeypatch):
     """`hydra/launcher=slurm` with tasks_per_node=N: submitit's environment becomes torch's (env://)."""
+    from alr.distributed import TORCHRUN_VARIABLES as torch_keys
     from alr.distributed import _export_slurm_environment
 
-    torch_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     # A copy of the environment, so that what the export writes does not reach the other tests of this process.
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in torch_keys})
     slurm = {

@@ -15,6 +15,7 @@ from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import SlurmJobEnvironment
 
+from alr.distributed import TORCHRUN_VARIABLES as TORCH_KEYS
 from alr.distributed import _export_slurm_environment, setup
 from alr.errors import RunError
 from alr.loggers import NoLogger, WandbLogger
@@ -22,7 +23,6 @@ from alr.preempt import FINISH_TIMEOUT_S, Interrupted
 from conftest import compose
 from faults import faulty
 
-TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SLURM_KEYS = ("SUBMITIT_EXECUTOR", "TORCHELASTIC_RUN_ID")
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from cluster import Cluster
 
+from alr.distributed import TORCHRUN_VARIABLES as TORCH_KEYS
 from conftest import ROOT
+from test_distributed import TWO_PROCESS_RUN
 from test_imagenet import write_tree
 
-TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHER = [
     "hydra/launcher=slurm",
     "hydra.launcher.partition=main",
@@ -32,23 +33,6 @@ LAUNCHER = [
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=1",
     "hydra.launcher.timeout_min=5",
-]
-# 12 training images in 3 global batches of 4, 9 validation images: a run of two processes in seconds.
-IMAGENET = [
-    "dataset=imagenet",
-    "dataset.num_classes=3",
-    "dataset.image_size=32",
-    "dataset.resize_size=36",
-    "dataset.num_workers=1",
-    "dataset.build.eval_batch_size=2",
-    "model=digits_cnn",
-    "+model.in_channels=3",
-    "model.width=8",
-    "debug=fast",
-    "trainer.limit_train_batches=null",
-    "trainer.limit_test_batches=null",
-    "trainer.batch_size=4",
-    "trainer.log_every=1",
 ]
 DIGITS = ["debug=fast"]  # 3 steps an epoch
 
@@ -189,7 +173,9 @@ def test_a_one_task_job(cluster, tmp_path):
 
 
 def test_a_two_task_job_is_one_run_of_two_processes(cluster, tmp_path, data):
-    sweep = Sweep(cluster, tmp_path / "out", *IMAGENET, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2")
+    sweep = Sweep(
+        cluster, tmp_path / "out", *TWO_PROCESS_RUN, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2"
+    )
     sweep.wait()
     sweep.check(epochs=2, processes=2)
     metrics = [json.loads(line) for line in (sweep.run / "metrics.jsonl").read_text().splitlines()]
@@ -200,7 +186,7 @@ def test_a_two_task_job_is_one_run_of_two_processes(cluster, tmp_path, data):
 def test_a_master_port_from_the_submitting_shell_does_not_split_the_run(cluster, tmp_path, data):
     """SLURM hands the shell's MASTER_PORT on to every task: submitit then refused to export its variables, and
     each task trained the whole run alone, into the same folder."""
-    overrides = [*IMAGENET, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2"]
+    overrides = [*TWO_PROCESS_RUN, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2"]
     sweep = Sweep(cluster, tmp_path / "out", *overrides, env={"MASTER_PORT": "29555"})
     sweep.wait()
     sweep.check(epochs=2, processes=2)
@@ -233,7 +219,7 @@ def test_a_real_time_limit_requeues_with_the_usr2_lead_until_the_run_is_done(clu
 def test_a_two_task_job_preempted_by_the_high_priority_partition_is_requeued_and_resumed(cluster, tmp_path, data):
     """Partition ``high`` pre-empts ``main``: SIGTERM, 20 s of grace, then SLURM requeues the job. Both ranks
     write the checkpoint and wait; a rank that exited at once would end the job FAILED, never requeued."""
-    overrides = [*IMAGENET, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2", *paced(0.3)]
+    overrides = [*TWO_PROCESS_RUN, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2", *paced(0.3)]
     sweep = Sweep(cluster, tmp_path / "out", *overrides, "trainer.epochs=12")
     sweep.wait_for_epoch(2)
     high = ["sbatch", "--partition=high", "--ntasks=4", f"--output={tmp_path / 'high.out'}", "--wrap=sleep 3"]
@@ -252,7 +238,7 @@ def test_a_slow_requeue_of_two_tasks_with_kill_on_bad_exit_ends_requeued_and_fin
     real = subprocess.run(["which", "scontrol"], env=cluster.env, capture_output=True, text=True).stdout.strip()
     (slow / "scontrol").write_text(f'#!/bin/sh\nsleep 2\nexec {real} "$@"\n')
     (slow / "scontrol").chmod(0o755)
-    overrides = [*IMAGENET, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2", *paced(0.3)]
+    overrides = [*TWO_PROCESS_RUN, f"dataset.data_dir={data}", "hydra.launcher.tasks_per_node=2", *paced(0.3)]
     path = f"{slow}{os.pathsep}{cluster.env['PATH']}"
     sweep = Sweep(cluster, tmp_path / "out", *overrides, "trainer.epochs=8", env={"PATH": path})
     sweep.wait_for_epoch(2)
