@@ -19,8 +19,15 @@ from scipy import stats
 from alr.reporting.figures import residual_label_panels
 from alr.reporting.plots import learning_curves
 from alr.reporting.runs import Run, load_runs
-from alr.reporting.stats import Cell, welch
-from alr.reporting.tables import METHOD_LABELS, SIGNIFICANCE_HEADER, format_acc, format_params, write_table
+from alr.reporting.stats import welch
+from alr.reporting.tables import (
+    METHOD_LABELS,
+    SIGNIFICANCE_HEADER,
+    collect,
+    format_acc,
+    format_params,
+    write_table,
+)
 
 KEPT = ("config.yaml", "result.json", "metrics.jsonl", "classes.json", "test_confusion.npy")
 SNAPSHOTS = "residual_labels"
@@ -101,7 +108,7 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
         "ρ(residual labels, confusions)",
         "Params (backbone + method)",
     ]
-    cells = {m: Cell(values=[r.result["final_test_acc"] for r in rs]) for m, rs in by_method.items()}
+    cells = {method: cell for (_, _, method), cell in collect(runs).items()}  # one data set and model
     rows = []
     for method in sorted(by_method, key=_order):
         rs = by_method[method]
@@ -119,7 +126,7 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
                 _mean_std([r.metrics()[0]["train/acc"] for r in rs], 1),
                 comparison.format() if comparison else "",
                 _mean_std(rhos, 2) if rhos else "",
-                format_params(rs[0].result.get("params")),
+                format_params(cells[method].params),
             ]
         )
     cpus = ", ".join(sorted({str(r.result.get("cpu", "?")) for r in finished})) or "—"
