@@ -60,11 +60,10 @@ def train_speed(model_name: str, data_dir: Path, batch: int, steps: int, device:
     batches = TensorBatches(data["x_train"].to(device), data["y_train"].to(device), batch, shuffle=True)
     it = batches.epoch(0)
     model.train()
-    method.start_epoch()
+    method.start_epoch(0)
 
     def step() -> None:
-        x, y = next(it)
-        out = method(model, x, y)
+        out = method(model, next(it))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

@@ -45,10 +45,10 @@ from bench_cifar_pipeline import write_synthetic_cifar10
 from benchutil import add_common_args, describe, flat, interleave, iqr, median, ratio_with_spread, setup, sync
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 from alr.config import compose
+from alr.data import Batch
 from alr.trainer import DTYPES, fit, seed_everything
 
 TARGET_METHOD = 0.01  # the suite's target (docs/speed.md): alr_s within 1 % of baseline per step
@@ -117,7 +117,7 @@ class TimedBatches:
     def __len__(self) -> int:
         return len(self.inner)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         for i, batch in enumerate(self.inner.epoch(epoch)):
             sync(self.device)
             _stamps.append(benchutil.clock())
@@ -168,7 +168,7 @@ def bare_loop(cfg: DictConfig, device: torch.device) -> None:
     dtype = DTYPES[t.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     model.train()
-    for x, y in islice(data.train.epoch(0), t.limit_train_batches):
+    for x, y, _ in islice(data.train.epoch(0), t.limit_train_batches):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext():

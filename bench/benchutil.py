@@ -150,7 +150,7 @@ def time_epoch(batches, epoch: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start, images = time.perf_counter(), 0
-    for x, _ in batches.epoch(epoch):
+    for x, *_ in batches.epoch(epoch):
         images += len(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

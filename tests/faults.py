@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 from hydra.utils import get_class
-from torch import Tensor, nn
+from torch import Tensor
+
+from alr.methods import Criterion
 
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr2": signal.SIGUSR2}
 
@@ -32,7 +34,7 @@ def faulty(criterion: str) -> list[str]:
     return ["method.module.criterion._target_=faults.Faulty", f"+method.module.criterion.inner={criterion}"]
 
 
-class Faulty(nn.Module):
+class Faulty(Criterion):
     def __init__(self, inner: str, **kwargs) -> None:
         super().__init__()
         self.criterion = get_class(inner)(**kwargs)
@@ -41,10 +43,6 @@ class Faulty(nn.Module):
         epoch, step = when.split(":")
         self.fault, self.at = what, (int(epoch), int(step))
 
-    @property
-    def last_terms(self) -> dict[str, Tensor]:
-        return self.criterion.last_terms
-
     def __getattr__(self, name: str):
         """Everything else (ALR's ``residual_labels``, ``S``...) is the wrapped criterion's."""
         try:
@@ -52,10 +50,21 @@ class Faulty(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("criterion"), name)
 
-    def reset_epoch(self) -> None:
+    def setup(self, facts) -> None:
+        self.criterion.setup(facts)
+
+    def start_epoch(self, epoch: int) -> None:
         self.epoch, self.step = self.epoch + 1, 0
-        if hasattr(self.criterion, "reset_epoch"):
-            self.criterion.reset_epoch()
+        self.criterion.start_epoch(epoch)
+
+    def end_epoch(self, epoch: int, world) -> None:
+        self.criterion.end_epoch(epoch, world)
+
+    def partial_sums(self) -> dict[str, Tensor]:
+        return self.criterion.partial_sums()
+
+    def snapshots(self) -> dict[str, Tensor]:
+        return self.criterion.snapshots()
 
     def _fires(self) -> bool:
         if self.fault == "none" or (self.epoch, self.step) != self.at:
@@ -69,6 +78,7 @@ class Faulty(nn.Module):
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         loss = self.criterion(logits, targets)
+        self.last_terms = self.criterion.last_terms
         if self._fires():
             if self.fault == "nan":
                 loss = loss * torch.tensor(float("nan"))

@@ -125,16 +125,19 @@ def test_build_reads_the_real_layout(tmp_path: Path, name: str, loader: str) -> 
     assert len(bundle.train) == 3 and len(bundle.test) == 2  # ceil(40 / 16), ceil(6 / 4)
 
     batches = list(bundle.train.epoch(0))
-    assert [len(y) for _, y in batches] == [16, 16, 8]
-    for x, y in batches:
+    assert [len(y) for _, y, _ in batches] == [16, 16, 8]
+    for x, y, index in batches:
         assert x.shape == (len(y), 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-        assert x.device.type == y.device.type == torch.device(DEVICE).type
-    targets = torch.cat([y for _, y in batches]).cpu()
+        assert x.device.type == y.device.type == index.device.type == torch.device(DEVICE).type
+        assert y.cpu().tolist() == data["y_train"][index.cpu().numpy()].tolist()  # each sample's row of the split
+    assert sorted(torch.cat([i for *_, i in batches]).tolist()) == list(range(40))
+    assert bundle.train.num_samples == 40 and bundle.train.indexed
+    targets = torch.cat([y for _, y, _ in batches]).cpu()
     assert sorted(targets.tolist()) == sorted(data["y_train"].tolist())  # a permutation of the labels
 
     test = list(bundle.test.epoch(0))  # in file order, normalised, not augmented
-    assert torch.equal(torch.cat([y for _, y in test]).cpu(), torch.from_numpy(data["y_test"]))
-    torch.testing.assert_close(torch.cat([x for x, _ in test]).cpu(), normalised(data["x_test"], name))
+    assert torch.equal(torch.cat([y for _, y, _ in test]).cpu(), torch.from_numpy(data["y_test"]))
+    torch.testing.assert_close(torch.cat([x for x, *_ in test]).cpu(), normalised(data["x_test"], name))
 
     if loader == "gpu":  # the training set lives on the device as one uint8 tensor
         inputs = bundle.train.inputs
@@ -154,7 +157,7 @@ def _is_crop_of(image: torch.Tensor, source: torch.Tensor) -> bool:
 def test_training_batches_are_crops_of_the_padded_images(cifar10, loader: str) -> None:
     root, data = cifar10
     bundle = cifar.build(batch_size=40, device=DEVICE, data_dir=root, loader=loader, num_workers=0)
-    x, y = next(bundle.train.epoch(0))
+    x, y, _ = next(bundle.train.epoch(0))
     source = torch.from_numpy(data["x_train"])
     pixels = to_pixels(x, "cifar10")
     # Which training image each output was cut from; each image is used once, with its own label.
@@ -190,7 +193,7 @@ def test_gpu_epochs_are_a_function_of_seed_and_epoch(cifar10) -> None:
 
     def epoch(seed: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         bundle = cifar.build(batch_size=16, device=DEVICE, seed=seed, data_dir=root)
-        xs, ys = zip(*bundle.train.epoch(e), strict=True)
+        xs, ys, _ = zip(*bundle.train.epoch(e), strict=True)
         return torch.cat(xs), torch.cat(ys)
 
     x0, y0 = epoch(0, 0)
@@ -205,7 +208,7 @@ def test_torchvision_loader_order_and_augmentation_follow_seed_and_epoch(cifar10
     bundle = cifar.build(batch_size=16, device=DEVICE, seed=0, data_dir=root, loader="torchvision", num_workers=1)
 
     def epoch(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*bundle.train.epoch(e), strict=True)
+        xs, ys, _ = zip(*bundle.train.epoch(e), strict=True)
         return torch.cat(xs), torch.cat(ys)
 
     (x0, y0), (x0_again, y0_again), (x1, y1) = epoch(0), epoch(0), epoch(1)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from alr.data import Batch
 from alr.evaluation import ECE_BINS, calibration_bins, evaluate, expected_calibration_error
 from alr.methods import CrossEntropy, Supervised
 
@@ -45,8 +46,8 @@ def test_evaluate_reports_accuracy_nll_ece_and_the_confusion_matrix():
             self.x, self.y = x, y
 
         def epoch(self, epoch):
-            yield self.x[:3], self.y[:3]
-            yield self.x[3:], self.y[3:]
+            yield Batch(self.x[:3], self.y[:3])
+            yield Batch(self.x[3:], self.y[3:])
 
     logits = _two_class_logits([0.75, 0.75, 0.9, 0.55], [1, 1, 1, 0])
     targets = torch.tensor([1, 0, 1, 0])

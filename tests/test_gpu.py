@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from alr import ALRLoss
 from alr.checkpoint import load_checkpoint
 from alr.data import cifar, samples
+from alr.methods import Criterion
 from alr.run_folder import read_metrics
 from alr.trainer import fit
 from conftest import compose, run_train
@@ -31,11 +32,11 @@ pytestmark = pytest.mark.gpu
 def test_cifar_batches_are_made_on_the_gpu(tmp_path: Path):
     samples.write_cifar(tmp_path, "cifar10", n_train=64, n_test=16)
     data = cifar.build(16, "cuda", name="cifar10", data_dir=tmp_path)
-    x, y = next(iter(data.train.epoch(0)))
+    x, y, _ = next(iter(data.train.epoch(0)))
     assert x.is_cuda and y.is_cuda and x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
-    again, _ = next(iter(data.train.epoch(0)))
+    again, *_ = next(iter(data.train.epoch(0)))
     assert torch.equal(x, again)  # the epoch's generator lives on the device and is reseeded per epoch
-    x_test, _ = next(iter(data.test.epoch(0)))
+    x_test, *_ = next(iter(data.test.epoch(0)))
     raw = torch.from_numpy(cifar.load_arrays("cifar10", tmp_path)["x_test"][:16]).cuda().float() / 255
     mean = torch.tensor(cifar.LAYOUTS["cifar10"].mean, device="cuda").view(1, 3, 1, 1)
     std = torch.tensor(cifar.LAYOUTS["cifar10"].std, device="cuda").view(1, 3, 1, 1)
@@ -190,7 +191,7 @@ def test_alr_step_without_host_sync_under_ddp(nccl_group: torch.device, precisio
     assert int(criterion.seen) == 4 * batch
 
 
-class SyncCheckedStep(nn.Module):
+class SyncCheckedStep(Criterion):
     """A criterion (``inner``, built with ``kwargs``) that makes one whole training step fail on a host sync.
 
     CUDA's sync check is an error from its call at step ``step`` (0-based) to its next call: in between,
@@ -205,12 +206,8 @@ class SyncCheckedStep(nn.Module):
         self.criterion = get_class(inner)(**kwargs)
         self.at, self.calls = step, 0
 
-    @property
-    def last_terms(self) -> dict[str, Tensor]:
-        return self.criterion.last_terms
-
-    def reset_epoch(self) -> None:
-        self.criterion.reset_epoch()
+    def start_epoch(self, epoch: int) -> None:
+        self.criterion.start_epoch(epoch)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         if self.calls == self.at:
@@ -219,7 +216,9 @@ class SyncCheckedStep(nn.Module):
             torch.cuda.set_sync_debug_mode("default")
             self.checked.append(self.at)
         self.calls += 1
-        return self.criterion(logits, targets)
+        loss = self.criterion(logits, targets)
+        self.last_terms = self.criterion.last_terms
+        return loss
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

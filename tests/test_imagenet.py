@@ -101,27 +101,28 @@ def test_loader_batches_have_the_right_shape_range_and_labels(tree: Path, loader
     assert data.class_names == list(CLASSES) and data.num_classes == 3
     train = list(data.train.epoch(0))
     assert len(train) == len(data.train) == 3  # 12 images, batches of 4
-    for x, y in train:
+    for x, y, index in train:
         assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert (index // 4).tolist() == y.tolist()  # the tree's files are class by class, 4 each
         assert float(x.min()) > -2.2 and float(x.max()) < 2.7  # normalised [0, 1] pixels
     # Each class is one flat colour: the mean of the dominant channel tells the label.
-    for x, y in train:
+    for x, y, _ in train:
         colour = x[:, :, 8:24, 8:24].mean(dim=(2, 3))
         colour_rows = y.tolist()
         for row, label in zip(colour, colour_rows):
             if row.std() > 0.5:  # not the greyscale image
                 assert int(row.argmax()) == label
     val = list(data.test.epoch(0))
-    assert [len(y) for _, y in val] == [4, 4, 1]  # the last partial batch is kept
-    assert torch.cat([y for _, y in val]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert torch.equal(torch.cat([x for x, _ in val]), torch.cat([x for x, _ in data.test.epoch(1)]))
+    assert [len(y) for _, y, _ in val] == [4, 4, 1]  # the last partial batch is kept
+    assert torch.cat([y for _, y, _ in val]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(torch.cat([x for x, *_ in val]), torch.cat([x for x, *_ in data.test.epoch(1)]))
 
 
 def test_dali_and_torchvision_give_the_same_label_order(tree: Path):
     orders = {}
     for loader in ("dali", "torchvision"):
         data = _batches(tree, loader)
-        orders[loader] = [torch.cat([y for _, y in data.train.epoch(e)]).tolist() for e in (0, 1)]
+        orders[loader] = [torch.cat([y for _, y, _ in data.train.epoch(e)]).tolist() for e in (0, 1)]
     assert orders["dali"] == orders["torchvision"]
     assert orders["dali"][0] != orders["dali"][1] and sorted(orders["dali"][0]) == [0] * 4 + [1] * 4 + [2] * 4
 
@@ -129,12 +130,12 @@ def test_dali_and_torchvision_give_the_same_label_order(tree: Path):
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])
 def test_two_ranks_share_each_global_batch_and_count_validation_once(tree: Path, loader: str):
     ranks = [_batches(tree, loader, rank=r, world_size=2, eval_batch_size=2) for r in range(2)]
-    train = [[y for _, y in data.train.epoch(1)] for data in ranks]
+    train = [[y for _, y, _ in data.train.epoch(1)] for data in ranks]
     assert [len(b) for b in train[0]] == [2] * 3  # the global batch of 4, 2 per rank
     one = _batches(tree, loader)
-    for step, (y_one, y0, y1) in enumerate(zip([y for _, y in one.train.epoch(1)], *train)):
+    for step, (y_one, y0, y1) in enumerate(zip([y for _, y, _ in one.train.epoch(1)], *train)):
         assert sorted(y_one.tolist()) == sorted(y0.tolist() + y1.tolist()), f"global batch {step}"
-    val = [torch.cat([y for _, y in data.test.epoch(0)]) for data in ranks]
+    val = [torch.cat([y for _, y, _ in data.test.epoch(0)]) for data in ranks]
     assert (len(val[0]), len(val[1])) == (5, 4) and sorted(torch.cat(val).tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
@@ -207,7 +208,7 @@ def test_several_processes_need_a_divisible_global_batch_and_a_shardable_data_se
 @pytest.mark.gpu
 def test_dali_mixed_decoding_on_the_gpu_matches_the_cpu_pipeline(tree: Path):
     cpu, gpu = _batches(tree, "dali"), _batches(tree, "dali", device="cuda")
-    (x_cpu, y_cpu), (x_gpu, y_gpu) = next(iter(cpu.test.epoch(0))), next(iter(gpu.test.epoch(0)))
+    (x_cpu, y_cpu, _), (x_gpu, y_gpu, _) = next(iter(cpu.test.epoch(0))), next(iter(gpu.test.epoch(0)))
     assert x_gpu.is_cuda and x_gpu.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y_cpu, y_gpu.cpu())
     assert float((x_cpu - x_gpu.cpu()).abs().mean()) < 0.1  # nvJPEG and libjpeg differ by rounding only

@@ -220,7 +220,7 @@ def test_normalisation_uses_the_whole_training_split(tmp_path: Path) -> None:
     pixels = arrays["train-images-idx3-ubyte"].astype(np.float64) / 255
     assert data.info["pixel_mean"] == pytest.approx(pixels.mean(), abs=1e-12)
     assert data.info["pixel_std"] == pytest.approx(pixels.std(), abs=1e-12)
-    x, y = next(data.test.epoch(0))
+    x, y, _ = next(data.test.epoch(0))
     expected = (arrays["t10k-images-idx3-ubyte"][:5, None] / 255 - pixels.mean()) / pixels.std()
     torch.testing.assert_close(x, torch.from_numpy(expected).float())
     assert data.class_names == FASHION and data.info["train_images"] == 50
@@ -245,7 +245,7 @@ def test_training_batches_are_crops_flipped_as_the_config_says(tmp_path: Path, n
     arrays = write_release(tmp_path / mnist.RELEASES[name].torchvision_class / "raw", per_class=[6] * 10)
     cfg = compose(f"dataset={name}", f"dataset.data_dir={tmp_path}")
     data = hydra.utils.instantiate(cfg.dataset.build, batch_size=60, device="cpu", seed=0)
-    x, y = next(data.train.epoch(0))
+    x, y, _ = next(data.train.epoch(0))
     pixels = (x * data.info["pixel_std"] + data.info["pixel_mean"]) * 255
     assert torch.allclose(pixels, pixels.round(), atol=1e-3)
     origin, flipped = _crops(pixels.round(), torch.from_numpy(arrays["train-images-idx3-ubyte"])[:, None])

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from alr.data import Batch
 from alr.distributed import World
 from alr.methods.distill import DeepMutualLearning
 from alr.preempt import Interrupted
@@ -76,7 +77,7 @@ def _suite_steps(update: str, batches) -> tuple[nn.Module, nn.Module]:
         method_params=list(method.parameters()),
     )
     for x, y in batches:
-        method.train_step(model, x, y, lambda loss: Parts.update(parts, loss), nullcontext)
+        method.train_step(model, Batch(x, y), lambda loss: Parts.update(parts, loss), nullcontext)
     return model, method.peer
 
 

@@ -94,6 +94,21 @@ class World:
         (the owner of the state then decides how to merge the entries)."""
         return shares[self.rank] if len(shares) == self.size else None
 
+    def restore_sums(self, sums: dict[str, Tensor], shares: list[dict[str, Tensor]]) -> bool:
+        """Copy into ``sums`` (in place) this rank's entry of per-rank running sums :meth:`gather` saved; whether
+        it was this rank's own. Saved by another process count, rank 0 takes the entries' total and the other
+        ranks zeros, so a later sum over the ranks is the same (up to the order of float additions)."""
+        own = self.own_share(shares)
+        for name, tensor in sums.items():
+            if own is not None:
+                value = own[name]
+            elif self.main:
+                value = torch.stack([share[name] for share in shares]).sum(dim=0)
+            else:
+                value = torch.zeros_like(tensor)
+            tensor.copy_(value)
+        return own is not None
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

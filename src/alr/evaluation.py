@@ -73,7 +73,8 @@ def evaluate(
     bins = torch.zeros(1, ECE_BINS, 3, dtype=torch.float64, device=device)
     confusion = torch.zeros(1, K * K, dtype=torch.long, device=device)
     images = torch.zeros(1, dtype=torch.float64, device=device)
-    for x, y in islice(batches.epoch(0), limit):
+    for batch in islice(batches.epoch(0), limit):
+        x, y = batch.inputs, batch.targets
         with autocast():
             outputs = method.predictions(model, x)
         if not names:  # (a rank with an empty shard keeps one row: several networks run in one process only)

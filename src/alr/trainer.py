@@ -2,9 +2,11 @@
 
 Read top to bottom: checks of the run folder, set-up (device, data, model, method, optimizer),
 resume from ``last.pt``, then per epoch: train, evaluate, write ``metrics.jsonl`` / snapshots /
-``last.pt``; finally ``result.json``. The loop knows nothing about any method: ``method(model, x, y)``
-returns the loss, the logits and the terms to log (see :mod:`alr.methods.supervised`). What the run folder
-holds and how a resume is checked against it is :mod:`alr.run_folder`; scoring is :mod:`alr.evaluation`.
+``last.pt``; finally ``result.json``. The loop knows nothing about any method: it calls the hooks of the
+method protocol (:mod:`alr.methods.supervised`: ``setup``, ``start_epoch``, ``train_step`` per batch,
+``end_epoch``, ``partial_sums``), and a step returns the loss, the logits and the terms to log. What the
+run folder holds and how a resume is checked against it is :mod:`alr.run_folder`; scoring is
+:mod:`alr.evaluation`.
 
 Reliability (docs/reliability.md):
 
@@ -55,6 +57,7 @@ from alr.distributed import World, all_reduce_sum, setup
 from alr.errors import CheckpointError, RunError
 from alr.evaluation import evaluate
 from alr.loggers import NoLogger, build_logger
+from alr.methods import RunFacts
 from alr.preempt import Interrupted, StopOnSignal
 from alr.run_folder import prepare_run_dir, resumable_keys, skip_if_finished, start_run_folder, write_epoch
 
@@ -294,6 +297,23 @@ class Parts:
             )
         self.model = _build(cfg.model, f"model '{cfg.model_name}'").to(device)
         self.method = _build(cfg.method.module, f"method '{cfg.method.name}'").to(device)
+        train = self.data.train
+        self.steps = min(len(train), t.limit_train_batches or len(train))  # training steps per epoch
+        facts = RunFacts(
+            num_classes=self.data.num_classes,
+            num_train=train.num_samples,
+            indexed=train.indexed,
+            epochs=t.epochs,
+            steps_per_epoch=self.steps,
+            seed=cfg.seed,
+            device=device,
+            rank=world.rank,
+            world_size=world.size,
+        )
+        try:
+            self.method.setup(facts)
+        except ValueError as e:  # what the method cannot do with this data set, in one line
+            raise RunError(f"method '{cfg.method.name}': {e}") from e
         if world.distributed and (networks := self.method.networks()):
             raise RunError(
                 f"method '{cfg.method.name}' trains a network of its own beside the backbone ({', '.join(networks)}), "
@@ -365,6 +385,7 @@ class Progress:
         ckpt = ckpt or {}
         self.epoch, self.step = ckpt.get("epoch", 0), ckpt.get("step", 0)
         self.partial = per_rank(ckpt["partial"]) if ckpt.get("partial") is not None else None
+        self.method_sums = ckpt.get("method_sums")  # per rank, where the method keeps partial sums
         self.elapsed, self.best = ckpt.get("elapsed", 0.0), tuple(ckpt.get("best", (-1.0, 0)))
 
     def state_dict(self) -> dict[str, Any]:
@@ -380,19 +401,22 @@ def _train_epoch(
     method.train()
     totals = _EpochTotals(parts.device, world.size)
     skip = progress.step if epoch == progress.epoch else 0
-    if skip:  # the method's own state came back with method.state_dict()
+    if skip:  # the method's state came back with method.state_dict(), its partial sums here
         totals.load_state_dict(progress.partial, world)
+        if progress.method_sums is not None:
+            world.restore_sums(method.partial_sums(), progress.method_sums)
     else:
-        method.start_epoch()
+        method.start_epoch(epoch)
     t0 = time.perf_counter()
     batches = islice(parts.data.train.epoch(epoch), steps)
     for _ in range(skip):  # the same batches (and augmentation draws) as the interrupted run
         next(batches)
-    for step, (x, y) in enumerate(batches, start=skip):
-        if x.dim() == 4:  # the model's memory format (DALI's batches are channels_last already)
-            x = x.contiguous(memory_format=torch.channels_last if parts.channels_last else torch.contiguous_format)
-        out = method.train_step(model, x, y, parts.update, parts.autocast)
-        totals.add(step, out, y)
+    for step, batch in enumerate(batches, start=skip):
+        if batch.inputs.dim() == 4:  # the model's memory format (DALI's batches are channels_last already)
+            memory_format = torch.channels_last if parts.channels_last else torch.contiguous_format
+            batch = batch._replace(inputs=batch.inputs.contiguous(memory_format=memory_format))
+        out = method.train_step(model, batch, parts.update, parts.autocast)
+        totals.add(step, out, batch.targets)
         bar.update(1)
         checkpoint = (step + 1) % t.log_every == 0 or step + 1 == steps
         if checkpoint:
@@ -404,6 +428,7 @@ def _train_epoch(
             totals.seconds += time.perf_counter() - t0
             save(epoch, step + 1, totals)
             raise stop.interrupted(f"{where(epoch, step + 1)} (checkpoint written)")
+    method.end_epoch(epoch, world)
     parts.scheduler.step()
     if parts.device.type == "cuda":
         torch.cuda.synchronize(parts.device)
@@ -464,7 +489,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if world.main:
         start_run_folder(run_dir, plain_cfg, progress.epoch, parts.data.class_names, parts.data.info, params)
     logger = build_logger(plain_cfg, run_dir) if world.main else NoLogger()
-    steps = min(len(parts.data.train), t.limit_train_batches or len(parts.data.train))
+    steps = parts.steps
     bar = tqdm(
         total=(t.epochs - progress.epoch) * steps - progress.step,
         disable=not (t.progress and world.main),
@@ -478,7 +503,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         state = {**parts.state_dict(), **progress.state_dict(), "epoch": epoch, "step": step}
         # What differs between ranks is saved once per rank (a collective: every rank calls it).
         partial = world.gather(totals.state_dict()) if totals else None
-        state.update(partial=partial, rng=world.gather(rng_state(parts.device)), config=plain_cfg)
+        method_sums = world.gather(parts.method.partial_sums()) if totals else None
+        state.update(partial=partial, method_sums=method_sums, rng=world.gather(rng_state(parts.device)))
+        state["config"] = plain_cfg
         if world.main:
             save_checkpoint({**state, "alr_version": alr.__version__, "world_size": world.size}, ckpt_path)
         world.barrier()  # no process exits (and makes torchrun stop the others) before last.pt is written

@@ -1,5 +1,5 @@
 """Data sets. Each module has ``build(batch_size, device, seed, **options) -> DataBundle``."""
 
-from alr.data.batches import Batches, DataBundle, TensorBatches
+from alr.data.batches import Batch, Batches, DataBundle, TensorBatches
 
-__all__ = ["Batches", "DataBundle", "TensorBatches"]
+__all__ = ["Batch", "Batches", "DataBundle", "TensorBatches"]

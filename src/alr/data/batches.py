@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -18,12 +18,31 @@ from torch import Tensor
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 
 
+class Batch(NamedTuple):
+    """One mini-batch on the training device.
+
+    ``index``: each sample's row in its split (``0 … num_samples − 1``, int64, on the device), so a method can
+    keep per-sample state (PS-KD's previous predictions); ``None`` where a data set cannot say.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    index: Tensor | None = None
+
+
 class Batches(Protocol):
-    """Anything the trainer can draw an epoch of ``(inputs, targets)`` device batches from."""
+    """Anything the trainer can draw an epoch of :class:`Batch` es from.
+
+    ``num_samples``: the size of the split (all ranks together); ``indexed``: whether its batches carry
+    ``index``.
+    """
+
+    num_samples: int
+    indexed: bool
 
     def __len__(self) -> int: ...
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]: ...
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
 
 class TensorBatches:
@@ -44,6 +63,7 @@ class TensorBatches:
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.transform = drop_last, transform
+        self.num_samples, self.indexed = len(targets), True
 
     def __len__(self) -> int:
         n = len(self.targets)
@@ -54,7 +74,7 @@ class TensorBatches:
         g.manual_seed(self.seed * 1_000_003 + epoch)
         return g
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         """Yield the batches of training epoch ``epoch`` (0-based)."""
         g = self._generator(epoch)
         n = len(self.targets)
@@ -68,7 +88,7 @@ class TensorBatches:
             x = self.inputs[idx]
             if self.transform is not None:
                 x = self.transform(x, g)
-            yield x, self.targets[idx]
+            yield Batch(x, self.targets[idx], idx)
 
 
 @dataclass

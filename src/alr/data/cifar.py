@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from alr.data.batches import DataBundle, TensorBatches
+from alr.data.batches import Batch, DataBundle, TensorBatches
 from alr.data.download import announce, fetch
 from alr.errors import RunError
 
@@ -252,8 +252,8 @@ class _ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.transform(self.images[i]), self.labels[i]
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        return self.transform(self.images[i]), self.labels[i], i
 
 
 class LoaderBatches:
@@ -269,6 +269,7 @@ class LoaderBatches:
         num_workers: int = 4,
     ) -> None:
         self.device, self.seed = torch.device(device), seed
+        self.num_samples, self.indexed = len(dataset), True
         self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset,
@@ -282,11 +283,11 @@ class LoaderBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         """Yield the batches of epoch ``epoch`` (0-based), moved to the device."""
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in self.loader:
+            yield Batch(*(t.to(self.device, non_blocking=True) for t in batch))
 
 
 def build(

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from alr.data.batches import DataBundle
+from alr.data.batches import Batch, DataBundle
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -183,6 +183,7 @@ class TorchvisionBatches:
         num_workers: int,
     ) -> None:
         self.device, self.indices, self.batch_size = device, indices, batch_size
+        self.num_samples, self.indexed = len(files), True
         self.sampler = _EpochSampler(seed)
         self.loader = DataLoader(
             ImageFiles(files, labels, transform),
@@ -196,12 +197,14 @@ class TorchvisionBatches:
     def __len__(self) -> int:
         return -(-len(self.indices(0)) // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        self.sampler.set_epoch(epoch, self.indices(epoch))
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        order = self.indices(epoch)
+        self.sampler.set_epoch(epoch, order)
         if not len(self.sampler):
             return
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for start, (x, y) in zip(range(0, len(order), self.batch_size), self.loader):  # the loader keeps the order
+            index = order[start : start + len(y)].to(self.device, non_blocking=True)
+            yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), index)
 
 
 class DaliBatches:
@@ -228,6 +231,7 @@ class DaliBatches:
         self.files, self.labels, self.train, self.batch_size = files, labels, train, batch_size
         self.indices, self.device, self.seed, self.rank = indices, device, seed, rank
         self.num_threads, self.image_size, self.resize_size = max(1, num_threads), image_size, resize_size
+        self.num_samples, self.indexed = len(files), True
 
     def __len__(self) -> int:
         return -(-len(self.indices(0)) // self.batch_size)
@@ -272,10 +276,11 @@ class DaliBatches:
         pipe.build()
         return pipe
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        order = self.indices(epoch).tolist()
+        indices = self.indices(epoch)
+        order = indices.tolist()
         if not order:  # an empty shard (more processes than validation images)
             return
         seed = (self.seed * 1_000_003 + epoch) * 1_009 + self.rank
@@ -289,7 +294,8 @@ class DaliBatches:
                 feed_ndarray(images, x, cuda_stream=stream)
                 feed_ndarray(labels, y, cuda_stream=stream)
                 n = min(self.batch_size, len(order) - start)
-                yield x[:n].permute(0, 3, 1, 2), y[:n].view(-1).long()
+                index = indices[start : start + n].to(self.device, non_blocking=True)
+                yield Batch(x[:n].permute(0, 3, 1, 2), y[:n].view(-1).long(), index)
         finally:
             del pipe
 

@@ -2,14 +2,26 @@
 
 from alr.methods.alr_loss import ALRLoss, residual_index
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
-from alr.methods.supervised import CrossEntropy, Method, StepOutput, Supervised, Update
+from alr.methods.supervised import (
+    Criterion,
+    CrossEntropy,
+    EpochHooks,
+    Method,
+    RunFacts,
+    StepOutput,
+    Supervised,
+    Update,
+)
 
 __all__ = [
     "ALRLoss",
+    "Criterion",
     "CrossEntropy",
     "DeepMutualLearning",
+    "EpochHooks",
     "KnowledgeDistillation",
     "Method",
+    "RunFacts",
     "StepOutput",
     "Supervised",
     "Update",

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from alr import distributed
+from alr.methods.supervised import Criterion
 
 
 def residual_index(targets: Tensor, num_classes: int) -> Tensor:
@@ -101,7 +102,7 @@ class _ALRFunction(torch.autograd.Function):
         return grad_z, grad_S, None, None, None, None
 
 
-class ALRLoss(nn.Module):
+class ALRLoss(Criterion):
     r"""Adaptive label regularization (Ding et al., "Adaptive Regularization of Labels", §3.2).
 
     ``loss = criterion(logits, targets)`` returns
@@ -164,12 +165,18 @@ class ALRLoss(nn.Module):
         # Running counts of this epoch's correct predictions; buffers so they land in checkpoints.
         self.register_buffer("correct", torch.zeros((), dtype=torch.float64))
         self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
-        self.last_terms: dict[str, Tensor] = {}
 
     def reset_epoch(self) -> None:
         """Start a new epoch's running training accuracy."""
         self.correct.zero_()
         self.seen.zero_()
+
+    def start_epoch(self, epoch: int) -> None:
+        self.reset_epoch()
+
+    def snapshots(self) -> dict[str, Tensor]:
+        """``softmax(S)`` as K×K (Figure 3)."""
+        return {"residual_labels": self.residual_labels()}
 
     @property
     def acc_train(self) -> Tensor:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from alr.checkpoint import load_checkpoint
+from alr.data.batches import Batch
 from alr.errors import RunError, TeacherNotFinished
 from alr.methods.supervised import Method, StepOutput, Update
 
@@ -123,7 +124,8 @@ class KnowledgeDistillation(Method):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
+    def forward(self, model: nn.Module, batch: Batch) -> StepOutput:
+        inputs, targets = batch.inputs, batch.targets
         teacher = self.teacher
         if next(teacher.parameters()).device != inputs.device:  # .to() on this module does not reach it
             teacher.to(inputs.device)
@@ -182,21 +184,21 @@ class DeepMutualLearning(Method):
             raise ValueError(f"config key 'method.update': unknown {update!r}; use alternate or simultaneous")
         self.peer, self.update = peer, update
 
-    def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> StepOutput:
-        logits = model(inputs)
-        loss, terms = dml_loss(logits, self.peer(inputs), targets)
+    def forward(self, model: nn.Module, batch: Batch) -> StepOutput:
+        logits = model(batch.inputs)
+        loss, terms = dml_loss(logits, self.peer(batch.inputs), batch.targets)
         return StepOutput(loss, logits, terms)
 
     def train_step(
         self,
         model: nn.Module,
-        inputs: Tensor,
-        targets: Tensor,
+        batch: Batch,
         update: Update,
         autocast: Callable[[], AbstractContextManager],
     ) -> StepOutput:
         if self.update == "simultaneous":
-            return super().train_step(model, inputs, targets, update, autocast)
+            return super().train_step(model, batch, update, autocast)
+        inputs, targets = batch.inputs, batch.targets
         with autocast():
             logits, peer_logits = model(inputs), self.peer(inputs)
             loss1, terms1 = dml_loss(logits, peer_logits.detach(), targets)
