@@ -90,7 +90,9 @@ def test_run_name_and_folders():
         ("trainer.precision=fp8", "trainer.precision"),
         ("trainer.device=tpu", "trainer.device"),
         ("seed=-2", "seed"),
-        ("method.name=mixup", "method.name"),
+        ("method.label=", "method.label"),
+        ("method.cost.steps=0", "method.cost.steps"),
+        ("~method.cost", "method.cost"),
         ("config_version=0", "config_version"),
     ],
 )

@@ -9,7 +9,6 @@ from omegaconf import DictConfig, OmegaConf
 from alr import CONFIG_VERSION
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-METHODS = ("baseline", "slr", "alr", "alr_s", "alr_mean", "alr_s_mean", "kd", "dml")
 
 
 class ConfigError(ValueError):
@@ -45,8 +44,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.device", f"unknown device {device!r}", "Use auto, cpu, cuda or cuda:N.")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError("seed", f"must be a non-negative integer, got {cfg.seed!r}", "Set seed=N.")
-    if cfg.method.name not in METHODS:
-        raise ConfigError("method.name", f"unknown method {cfg.method.name!r}", f"Use one of {', '.join(METHODS)}.")
+    _check_method(cfg.method)
     if not _positive_int(cfg.dataset.num_classes) or cfg.dataset.num_classes < 2:
         raise ConfigError("dataset.num_classes", f"must be an integer >= 2, got {cfg.dataset.num_classes!r}", "")
     _check_text(cfg)
@@ -58,6 +56,22 @@ def validate(cfg: DictConfig) -> None:
             f"this config is version {cfg.get('config_version')!r}, the suite reads version {CONFIG_VERSION}",
             "Recompose the run from this version's configs/ (python -m alr.train ...).",
         )
+
+
+def _check_method(method: DictConfig) -> None:
+    """What every method config declares (docs/development.md#how-a-method-joins): a name, a label, the module
+    the trainer builds, and what one training step runs."""
+    fix = "Every file of configs/method/ sets name, label, module._target_ and cost (see configs/method/baseline.yaml)."
+    for key in ("name", "label"):
+        if not isinstance(method.get(key), str) or not method.get(key):
+            raise ConfigError(f"method.{key}", f"must be a non-empty string, got {method.get(key)!r}", fix)
+    if not isinstance(method.get("module"), DictConfig) or "_target_" not in method.module:
+        raise ConfigError("method.module._target_", "is not set", fix)
+    cost = method.get("cost")
+    if not isinstance(cost, DictConfig) or set(cost) != {"like", "steps", "forwards"}:
+        raise ConfigError("method.cost", f"must hold like, steps and forwards, got {cost!r}", fix)
+    if not isinstance(cost.steps, (int, float)) or isinstance(cost.steps, bool) or cost.steps <= 0:
+        raise ConfigError("method.cost.steps", f"must be a number > 0, got {cost.steps!r}", fix)
 
 
 def _check_text(cfg: DictConfig) -> None:

@@ -45,6 +45,8 @@ RESUMABLE_CHANGES = (
     "dataset.num_train",
     "dataset.num_test",
     "dataset.cache_dir",
+    "method.label",  # how reports name the method, and what the GPU forecast prices: neither changes training
+    "method.cost",
 )
 
 
@@ -90,7 +92,7 @@ def resumable_keys(cfg: DictConfig) -> set[str]:
 # Keys added to the configs after runs were made without them, with the value those runs had: a saved config
 # that lacks one (where the current config has it) is compared as if it held that value, so run folders made
 # before the key existed still resume or are skipped as finished.
-ADDED_KEYS = {"method.module.criterion.residual_mean": False}
+ADDED_KEYS = {"method.module.criterion.residual_mean": False, "method.teacher_model": "wrn28_10"}
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any], resumable: set[str] | None = None) -> list[str]:
