@@ -230,6 +230,7 @@ def result(
     data_info: dict,
     processes: int,
     device: torch.device,
+    method_state_bytes: int = 0,
 ) -> dict[str, Any]:
     """``result.json`` of a finished run: the last epoch's test metrics (what the tables report), the best
     epoch's by test accuracy, and what the run was."""
@@ -250,6 +251,7 @@ def result(
         "best_test_ece": best_epoch.get("test/ece"),  # (an epoch logged by alr 0.1.0 has none)
         "epochs": cfg.trainer.epochs,
         "params": params,
+        "method_state_bytes": method_state_bytes,
         "data": data_info,
         "wall_time_s": elapsed,
         "experiment": cfg.experiment_name,

@@ -84,6 +84,13 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def state_bytes(method: nn.Module) -> int:
+    """The bytes of state a method keeps beside the backbone: its ``state_dict`` (ALR's ``S``, a peer network,
+    per-class or per-sample tables) and its per-rank ``partial_sums``."""
+    tensors = [*method.state_dict().values(), *method.partial_sums().values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random generators, in types ``torch.load(weights_only=True)`` reads.
 
@@ -537,7 +544,15 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
     result = run_folder.result(
-        cfg, run_dir, progress.best, progress.elapsed, params, parts.data.info, world.size, parts.device
+        cfg,
+        run_dir,
+        progress.best,
+        progress.elapsed,
+        params,
+        parts.data.info,
+        world.size,
+        parts.device,
+        state_bytes(parts.method),
     )
     if world.distributed:  # DDP and the method's averaged gradients keep every rank's copy equal: check it
         result["identical_on_all_ranks"] = world.identical(parts.model, parts.method)
