@@ -25,6 +25,10 @@ counts at its mean self time, every op it calls less often (the baseline's cross
 against. The net, per step, against the baseline's own step is ALR-S's added work; effects outside
 the ops (cache, allocator) are what the step-time comparison sees and this one does not.
 
+Every other method (``--methods``; by default each file of ``configs/method/``) gets the same op accounting
+against the baseline, one profiled run each, beside what its config declares one step runs (``method.cost``,
+what the GPU-hours forecast prices): KD distils a teacher trained here for a few steps.
+
     python bench/bench_train.py            # preact_resnet18, batch 128, 4 rounds × 6 steps
     python bench/bench_train.py --quick    # batch 8, 1 round × 3 steps
 """
@@ -47,7 +51,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile
 
-from alr.config import compose
+from alr.config import CONFIG_DIR, compose
 from alr.data import Batch
 from alr.trainer import DTYPES, fit, seed_everything
 
@@ -113,6 +117,7 @@ class TimedBatches:
 
     def __init__(self, inner, device: torch.device) -> None:
         self.inner, self.device = inner, device
+        self.num_samples, self.indexed = inner.num_samples, inner.indexed
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -135,7 +140,7 @@ def timed_build(device: torch.device, **kwargs):
     return data
 
 
-def compose_run(method: str, data_dir: str, model: str, batch: int, steps: int, device: str) -> DictConfig:
+def compose_run(method: str, data_dir: str, model: str, batch: int, steps: int, device: str, *extra: str) -> DictConfig:
     """The config ``python -m alr.train`` would compose, shrunk to ``steps`` steps and one tiny test batch."""
     overrides = [
         "dataset=cifar10",
@@ -151,8 +156,21 @@ def compose_run(method: str, data_dir: str, model: str, batch: int, steps: int, 
         f"trainer.device={device}",
         "dataset.build.eval_batch_size=16",
         f"dataset.build._target_={__name__}.timed_build",
+        *extra,
     ]
     return compose(overrides)
+
+
+def all_methods() -> list[str]:
+    """Every method config of the suite but the baseline, in name order."""
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml") if p.stem != "baseline")
+
+
+def declared_cost(cfg: DictConfig) -> str:
+    """What ``method.cost`` says one training step runs, in words."""
+    cost = cfg.method.cost
+    steps = f"{cost.steps:g} step{'s' if cost.steps != 1 else ''} like {cost.like}"
+    return steps + "".join(f" + a {model} forward" for model in cost.forwards)
 
 
 def bare_loop(cfg: DictConfig, device: torch.device) -> None:
@@ -186,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first and last are not timed)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="batch 8, 1 round of 3 steps")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated methods for the per-method op accounting (default: all)"
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -195,9 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         write_synthetic_cifar10(root / "data", n=args.batch_size * args.steps, n_test=16)
 
-        def run(method: str | None, r: list[int]) -> list[float]:
+        def run(method: str | None, r: list[int], *extra: str) -> list[float]:
             cfg = compose_run(
-                method or "baseline", str(root / "data"), args.model, args.batch_size, args.steps, device.type
+                method or "baseline", str(root / "data"), args.model, args.batch_size, args.steps, device.type, *extra
             )
             _stamps.clear()
             if method is None:
@@ -222,6 +243,27 @@ def main(argv: list[str] | None = None) -> None:
             _window[:] = [ProfiledSteps(args.steps, device)]
             run(method, count)
             ops[method or "bare loop"] = _window.pop().ops()
+        methods = args.methods.split(",") if args.methods else all_methods()
+        declared, extra = {}, {}
+        for method in methods:
+            cfg = compose_run(method, str(root / "data"), args.model, args.batch_size, args.steps, device.type)
+            if "teacher_run" in cfg.method:  # a teacher of the benched backbone, trained here for a few steps
+                teacher = root / "teacher"
+                if not (teacher / "result.json").exists():
+                    teacher_cfg = compose_run(
+                        "baseline", str(root / "data"), args.model, args.batch_size, 2, device.type
+                    )
+                    fit(teacher_cfg, teacher)
+                extra[method] = [f"method.teacher_run={teacher}", f"method.teacher_model={args.model}"]
+                cfg = compose_run(
+                    method, str(root / "data"), args.model, args.batch_size, args.steps, device.type, *extra[method]
+                )
+            declared[method] = declared_cost(cfg)
+            if method in ops:
+                continue
+            _window[:] = [ProfiledSteps(args.steps, device)]
+            run(method, count, *extra.get(method, []))
+            ops[method] = _window.pop().ops()
 
     n = len(flat(res["bare loop"]))
     print(
@@ -270,6 +312,15 @@ def main(argv: list[str] | None = None) -> None:
     print()
     net = accounting("ALR-S against the baseline", "alr_s", "baseline")
     extra = accounting("the trainer against a bare loop", "baseline", "bare loop")
+    print()
+    print(f"per-method cost against the baseline, by op accounting ({what} self time per step, one profiled run each):")
+    print(f"{'method':<14} {'added ms':>9} {'saved ms':>9} {'net % of a step':>16}   what its config declares")
+    for method in methods:
+        diff = op_difference(ops[method], ops["baseline"])
+        added, saved = sum(ms for _, ms in diff.values() if ms > 0), -sum(ms for _, ms in diff.values() if ms < 0)
+        print(
+            f"{method:<14} {added:>9.3f} {saved:>9.3f} {100 * (added - saved) / step_ms:>+15.2f}%   {declared[method]}"
+        )
     print()
     verdict = "holds" if net <= 100 * TARGET_METHOD else "does not hold"
     print(f"target alr_s within 1 % of baseline per step on {device.type}, by op accounting: {verdict} ({net:+.3f} %)")

@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests: a criterion that misbehaves at one training step.
 
-Wrap a run's criterion with ``*faulty("alr.ALRLoss")`` (overrides) and put
+Wrap a run's criterion with ``*faulty("alr.ALRLoss")`` (overrides), or a whole method with
+:func:`wrap_method` (a composed config), and put
 ``ALR_FAULT=<what>@<epoch>:<step>`` in the environment of the run to disturb (``epoch``: the epoch-th epoch
 this process starts, from 1, so a resumed process counts from its first epoch; ``step`` from 0):
 
@@ -24,7 +25,7 @@ import torch
 from hydra.utils import get_class
 from torch import Tensor
 
-from alr.methods import Criterion
+from alr.methods import Criterion, Method
 
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr2": signal.SIGUSR2}
 
@@ -39,9 +40,13 @@ class Faulty(Criterion):
         super().__init__()
         self.criterion = get_class(inner)(**kwargs)
         self.epoch, self.step = 0, 0
+        self.fault, self.at = self._fault_from_env()
+
+    @staticmethod
+    def _fault_from_env() -> tuple[str, tuple[int, int]]:
         what, _, when = os.environ.get("ALR_FAULT", "none@0:0").partition("@")
         epoch, step = when.split(":")
-        self.fault, self.at = what, (int(epoch), int(step))
+        return what, (int(epoch), int(step))
 
     def __getattr__(self, name: str):
         """Everything else (ALR's ``residual_labels``, ``S``...) is the wrapped criterion's."""
@@ -86,3 +91,58 @@ class Faulty(Criterion):
                 os.kill(os.getpid(), SIGNALS[self.fault])
         self.step += 1
         return loss
+
+
+def wrap_method(cfg) -> None:
+    """Wrap ``cfg.method.module`` (any method, its arguments kept) in :class:`FaultyMethod`, in place."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        inner = cfg.method.module._target_
+        cfg.method.module._target_ = "faults.FaultyMethod"
+        cfg.method.module.inner = inner
+
+
+class FaultyMethod(Method):
+    """Any method, with the fault of ``ALR_FAULT`` fired after its training step ``step`` of epoch ``epoch``.
+
+    Every hook is the wrapped method's; its state is under ``method.`` in ``state_dict()``.
+    """
+
+    def __init__(self, inner: str, **kwargs) -> None:
+        super().__init__()
+        self.method = get_class(inner)(**kwargs)
+        self.fault = Faulty._fault_from_env()
+        self.epoch, self.step = 0, 0
+
+    def forward(self, model, batch):
+        return self.method(model, batch)
+
+    def train_step(self, model, batch, update, autocast):
+        out = self.method.train_step(model, batch, update, autocast)
+        if self.fault[0] != "none" and (self.epoch, self.step) == self.fault[1]:
+            os.kill(os.getpid(), SIGNALS[self.fault[0]])
+        self.step += 1
+        return out
+
+    def setup(self, facts) -> None:
+        self.method.setup(facts)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = self.epoch + 1, 0
+        self.method.start_epoch(epoch)
+
+    def end_epoch(self, epoch: int, world) -> None:
+        self.method.end_epoch(epoch, world)
+
+    def partial_sums(self) -> dict[str, Tensor]:
+        return self.method.partial_sums()
+
+    def snapshots(self) -> dict[str, Tensor]:
+        return self.method.snapshots()
+
+    def networks(self):
+        return self.method.networks()
+
+    def predictions(self, model, inputs):
+        return self.method.predictions(model, inputs)
