@@ -31,6 +31,7 @@ def test_bench_driver_writes_every_section(tmp_path):
         "trainer / bare loop",
         "alr_s / baseline",
         "by op accounting",
+        "per-method cost against the baseline",
         "_ALRFunction",
         "gpu / torchvision",
         "GFLOPs per image",
