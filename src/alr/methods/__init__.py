@@ -2,6 +2,7 @@
 
 from alr.methods.alr_loss import ALRLoss, residual_index
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
+from alr.methods.lspp import LabelSmoothingPP
 from alr.methods.supervised import (
     Criterion,
     CrossEntropy,
@@ -20,6 +21,7 @@ __all__ = [
     "DeepMutualLearning",
     "EpochHooks",
     "KnowledgeDistillation",
+    "LabelSmoothingPP",
     "Method",
     "RunFacts",
     "StepOutput",
