@@ -1,6 +1,7 @@
 """Training methods: the ALR loss family and the interface the trainer calls."""
 
 from alr.methods.alr_loss import ALRLoss, residual_index
+from alr.methods.confidence_penalty import ConfidencePenalty
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
 from alr.methods.lspp import LabelSmoothingPP
 from alr.methods.supervised import (
@@ -16,6 +17,7 @@ from alr.methods.supervised import (
 
 __all__ = [
     "ALRLoss",
+    "ConfidencePenalty",
     "Criterion",
     "CrossEntropy",
     "DeepMutualLearning",
