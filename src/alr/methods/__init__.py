@@ -14,6 +14,7 @@ from alr.methods.supervised import (
     Supervised,
     Update,
 )
+from alr.methods.tfkd import TeacherFreeKD
 
 __all__ = [
     "ALRLoss",
@@ -28,6 +29,7 @@ __all__ = [
     "RunFacts",
     "StepOutput",
     "Supervised",
+    "TeacherFreeKD",
     "Update",
     "residual_index",
 ]
