@@ -1,4 +1,4 @@
-"""Welch's t-test against the baseline, checked on known inputs; "n/a" wherever no p-value is warranted."""
+"""Welch's t-test against the reference method, checked on known inputs; "n/a" wherever no p-value is warranted."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import statistics
 
 import pytest
 
+from alr.reporting.grid import Comparisons
 from alr.reporting.stats import Cell, welch
 from alr.reporting.tables import significance
+
+# As configs/experiment/table1.yaml's report key declares it: ALR and ALR-S against the baseline.
+REPORT = Comparisons(reference="baseline", compared=("alr", "alr_s"))
 
 
 def student_t_two_sided_p(t: float, df: float, intervals: int = 20_000) -> float:
@@ -59,7 +63,7 @@ def test_significant_difference_is_starred():
 )
 def test_fewer_than_two_seeds_gives_no_p_value(alr, baseline):
     cells = {("d", "m", "alr"): Cell(alr), ("d", "m", "baseline"): Cell(baseline)}
-    text = significance(cells, "d", "m", "alr")
+    text = significance(cells, "d", "m", "alr", REPORT)
     assert text.endswith("(p n/a)") and "p=" not in text
 
 
@@ -67,12 +71,12 @@ def test_no_spread_on_either_side_gives_no_p_value():
     # Accuracies are quantised (one test image = 0.28 % on digits): three identical seeds on each side are
     # common, and Welch's t is then ±∞ or 0/0, not evidence.
     cells = {("d", "m", "alr"): Cell([99.72] * 3), ("d", "m", "baseline"): Cell([100.0] * 3)}
-    assert significance(cells, "d", "m", "alr") == "-0.28 (p n/a)"
+    assert significance(cells, "d", "m", "alr", REPORT) == "-0.28 (p n/a)"
     cells[("d", "m", "alr")] = Cell([99.72, 99.72, 99.44])  # spread on one side is enough
-    assert "p=" in significance(cells, "d", "m", "alr")
+    assert "p=" in significance(cells, "d", "m", "alr", REPORT)
 
 
-def test_failed_or_missing_cells_give_n_a_and_only_alr_methods_are_compared():
+def test_failed_or_missing_cells_give_n_a_and_only_the_declared_methods_are_compared():
     finished = Cell([71.0, 72.0, 73.0])
     cells = {
         ("d", "m", "baseline"): Cell([70.0, 71.0]),
@@ -80,9 +84,14 @@ def test_failed_or_missing_cells_give_n_a_and_only_alr_methods_are_compared():
         ("d", "m", "slr"): finished,
         ("d", "m2", "alr_s"): finished,
     }
-    assert significance(cells, "d", "m", "alr") == "n/a"  # every seed failed
-    assert significance(cells, "d", "m", "alr_s") == "n/a"  # not run
-    assert significance(cells, "d", "m2", "alr_s") == "n/a"  # no baseline
+    assert significance(cells, "d", "m", "alr", REPORT) == "n/a"  # every seed failed
+    assert significance(cells, "d", "m", "alr_s", REPORT) == "n/a"  # not run
+    assert significance(cells, "d", "m2", "alr_s", REPORT) == "n/a"  # no baseline
     cells[("d", "m2", "baseline")] = Cell(unfinished=2)
-    assert significance(cells, "d", "m2", "alr_s") == "n/a"  # baseline still running
-    assert significance(cells, "d", "m", "slr") == significance(cells, "d", "m", "baseline") == ""
+    assert significance(cells, "d", "m2", "alr_s", REPORT) == "n/a"  # baseline still running
+    assert significance(cells, "d", "m", "slr", REPORT) == significance(cells, "d", "m", "baseline", REPORT) == ""
+    everyone = Comparisons(reference="baseline")  # no `compared`: every method but the reference
+    assert significance(cells, "d", "m", "slr", everyone) == "+1.50 (p=0.148)"
+    assert (
+        significance(cells, "d", "m", "baseline", everyone) == significance(cells, "d", "m", "slr", Comparisons()) == ""
+    )

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import yaml
 
+from alr.reporting.grid import Comparisons
 from alr.reporting.runs import Run
 from alr.reporting.status import status_rows, verdict, write_status
+
+REPORT = Comparisons(verdict=("alr_s", "baseline"))  # as configs/experiment/table1.yaml's report key declares it
 
 
 def _run(method: str, seed: int, acc: float | None, dataset: str = "cifar10", model: str = "wrn28_10", epochs=300):
@@ -30,13 +33,23 @@ def test_verdict_counts_cells_above_the_baseline_and_the_significant_ones():
     ]
     runs += [_run("baseline", s, 80.0 + s, model="preact_resnet18") for s in range(2)]
     runs += [_run("alr_s", s, 79.0 + s, model="preact_resnet18") for s in range(2)]
-    assert verdict(runs, 300) == "ALR-S above baseline in 1 of 2 cells, 1 of them at p < 0.05"
+    assert verdict(runs, 300, REPORT) == "ALR-S above baseline in 1 of 2 cells, 1 of them at p < 0.05"
     one_seed = [_run("baseline", 0, 70.0), _run("alr_s", 0, 71.0)]
-    assert verdict(one_seed, 300) == "ALR-S above baseline in 1 of 1 cells (too few seeds for a test)"
-    assert verdict([_run("baseline", 0, None)], 300) == "not run"
-    assert verdict([_run("baseline", 0, 70.0)], 300) == "1 runs finished; no cell has both ALR-S and the baseline yet"
+    assert verdict(one_seed, 300, REPORT) == "ALR-S above baseline in 1 of 1 cells (too few seeds for a test)"
+    assert verdict([_run("baseline", 0, None)], 300, REPORT) == "not run"
+    assert (
+        verdict([_run("baseline", 0, 70.0)], 300, REPORT)
+        == "1 runs finished; no cell has both ALR-S and the baseline yet"
+    )
     short = [_run("baseline", 0, 70.0, epochs=1), _run("alr_s", 0, 71.0, epochs=1)]
-    assert verdict(short, 300).endswith("; 2 of 2 runs shortened (smoke): not comparable to the paper")
+    assert verdict(short, 300, REPORT).endswith("; 2 of 2 runs shortened (smoke): not comparable to the paper")
+    # The experiment's config says which pair the verdict compares, and the label names the method.
+    slr = Comparisons(verdict=("slr", "alr_s"))
+    assert (
+        verdict(one_seed + [_run("slr", 0, 72.0)], 300, slr)
+        == "SLR above alr_s in 1 of 1 cells (too few seeds for a test)"
+    )
+    assert verdict(one_seed, 300, Comparisons()).endswith("the experiment's config names no verdict (report.verdict)")
 
 
 def test_status_counts_runs_against_the_grid_and_links_existing_tables(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 from alr.config import CONFIG_DIR
 from alr.reporting.figures import residual_label_panels
 from alr.reporting.fmnist import fmnist_report
-from alr.reporting.grid import expected_grid, missing_cells
+from alr.reporting.grid import expected_grid, heatmap_run, missing_cells
 from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
 from alr.reporting.status import write_status
@@ -23,10 +23,10 @@ def demo(runs_dir: Path, out_dir: Path) -> None:
     runs = load_runs(runs_dir)
     if not runs:
         sys.exit(f"error: no run folders under {runs_dir}; run `make demo` (or python -m alr.train -m experiment=demo)")
-    print(demo_table(runs, out_dir / "table.md"))
-    alr_runs = sorted((r for r in runs if r.key[2] == "alr" and r.status == "finished"), key=lambda r: r.seed)
-    if alr_runs:
-        png = residual_label_panels(alr_runs[0], None, out_dir / "residual_labels.png")
+    grid = expected_grid("demo")
+    print(demo_table(runs, out_dir / "table.md", grid=grid))
+    if run := heatmap_run(runs, grid.report.heatmap):  # the run configs/experiment/demo.yaml's report names
+        png = residual_label_panels(run, None, out_dir / "residual_labels.png")
         print(f"wrote {out_dir / 'table.md'}, {out_dir / 'table.csv'} and {png}")
 
 
@@ -107,10 +107,10 @@ def build_all(runs_root: Path, results: Path) -> list[str]:
         else:
             print(f"== {name}: no run folders under {runs_root / name}, skipped")
     runs = load_runs(runs_root)
-    written = write_plots(runs, results / "plots")
-    print(f"== plots: {len(written)} PNG files under {results / 'plots'}")
     experiments = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
-    grids = {name: expected_grid(name) for name in experiments}  # read once: each composes every cell
+    grids = {name: expected_grid(name) for name in experiments}  # read once: each composes every option
+    written = write_plots(runs, results / "plots", grids)
+    print(f"== plots: {len(written)} PNG files under {results / 'plots'}")
     print("== reproduction status")
     print(write_status(runs_root, results, grids))
     missing = []

@@ -17,17 +17,11 @@ import numpy as np
 from scipy import stats
 
 from alr.reporting.figures import residual_label_panels
+from alr.reporting.grid import Grid, expected_grid, heatmap_run, method_labels, method_order
 from alr.reporting.plots import learning_curves
 from alr.reporting.runs import Run, load_runs
 from alr.reporting.stats import welch
-from alr.reporting.tables import (
-    METHOD_LABELS,
-    SIGNIFICANCE_HEADER,
-    collect,
-    format_acc,
-    format_params,
-    write_table,
-)
+from alr.reporting.tables import SIGNIFICANCE_HEADER, collect, format_acc, format_params, write_table
 
 KEPT = ("config.yaml", "result.json", "metrics.jsonl", "classes.json", "test_confusion.npy")
 SNAPSHOTS = "residual_labels"
@@ -50,20 +44,15 @@ def archive(runs: list[Run], dest: Path) -> list[Run]:
     return load_runs(dest)
 
 
-def confusion_rank_correlation(alr_run: Run, baseline_run: Run) -> float:
-    """Spearman's ρ over the K(K−1) off-diagonal entries between an ALR run's last residual labels
-    (``softmax(S)`` placed as K×K) and a baseline run's row-normalised test confusion matrix: whether
-    ALR's residual labels rank the class pairs as the baseline's mistakes do."""
-    residual = alr_run.snapshot(alr_run.snapshot_epochs()[-1])
-    confusion = np.load(baseline_run.path / "test_confusion.npy").astype(np.float64)
+def confusion_rank_correlation(run: Run, reference_run: Run) -> float:
+    """Spearman's ρ over the K(K−1) off-diagonal entries between a run's last residual labels (``softmax(S)``
+    placed as K×K, as ALR's snapshots save it) and a reference run's row-normalised test confusion matrix:
+    whether the residual labels rank the class pairs as the reference's mistakes do."""
+    residual = run.snapshot(run.snapshot_epochs()[-1])
+    confusion = np.load(reference_run.path / "test_confusion.npy").astype(np.float64)
     confusion /= confusion.sum(axis=1, keepdims=True).clip(min=1)
     off = ~np.eye(len(residual), dtype=bool)
     return float(stats.spearmanr(residual[off], confusion[off]).statistic)
-
-
-def _order(method: str) -> tuple[int, str]:
-    labels = list(METHOD_LABELS)
-    return (labels.index(method) if method in labels else len(labels), method)
 
 
 def _mean_std(values: list[float], digits: int) -> str:
@@ -88,15 +77,18 @@ def sweeps_wall_time(runs: list[Run], gap_s: float = 120.0) -> tuple[float, int]
     return sum(end - start for start, end in merged), len(merged)
 
 
-def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
-    """One row per method: last-epoch test accuracy, ECE and NLL (mean ± std over seeds), the first epoch's
-    training accuracy, Welch's test against the baseline, and for ALR methods the rank correlation of their
-    residual labels with the baseline's confusions (seed s against seed s)."""
+def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3, grid: Grid | None = None) -> str:
+    """One row per method, in the sweep's order (``configs/experiment/fmnist.yaml``): last-epoch test accuracy,
+    ECE and NLL (mean ± std over seeds), the first epoch's training accuracy, Welch's test against the
+    experiment's ``report.reference``, and for each run that saved residual labels their rank correlation with
+    the reference's confusions (seed s against seed s)."""
+    grid = grid or expected_grid("fmnist")
+    report, labels = grid.report, method_labels(grid, runs)
     finished = [r for r in runs if r.status == "finished"]
     by_method: dict[str, list[Run]] = defaultdict(list)
     for run in sorted(finished, key=lambda r: r.seed):
         by_method[run.key[2]].append(run)
-    baseline = {r.seed: r for r in by_method.get("baseline", [])}
+    reference = {r.seed: r for r in by_method.get(report.reference, [])}
     header = [
         "Method",
         "Test accuracy (%)",
@@ -110,15 +102,16 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
     ]
     cells = {method: cell for (_, _, method), cell in collect(runs).items()}  # one data set and model
     rows = []
-    for method in sorted(by_method, key=_order):
+    for method in (m for m in method_order(grid, runs) if m in by_method):
         rs = by_method[method]
-        comparison = welch(cells[method], cells["baseline"]) if method != "baseline" and "baseline" in cells else None
+        compared = report.compares(method) and report.reference in cells
+        comparison = welch(cells[method], cells[report.reference]) if compared else None
         rhos = [
-            confusion_rank_correlation(r, baseline[r.seed]) for r in rs if r.snapshot_epochs() and r.seed in baseline
+            confusion_rank_correlation(r, reference[r.seed]) for r in rs if r.snapshot_epochs() and r.seed in reference
         ]
         rows.append(
             [
-                METHOD_LABELS.get(method, method),
+                labels[method],
                 format_acc(cells[method], seeds),
                 str(len(rs)),
                 _mean_std([r.result["final_test_ece"] for r in rs], 2),
@@ -160,16 +153,19 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
 
 def fmnist_report(runs_dir: Path, results_dir: Path) -> list[Path]:
     """Archive the finished runs of ``runs_dir`` into ``results_dir/fmnist/runs/``, then write, from those
-    records, ``results_dir/fmnist.{md,csv}``, the learning curves and the heatmap of ALR's first seed."""
+    records, ``results_dir/fmnist.{md,csv}``, the learning curves and the residual-label heatmap of the run the
+    experiment's ``report.heatmap`` names (its lowest finished seed)."""
     records = results_dir / "fmnist" / "runs"
     runs = archive(load_runs(runs_dir) if runs_dir.exists() else [], records)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {runs_dir} nor records under {records}")
+    grid = expected_grid("fmnist")
     written = [results_dir / "fmnist.md", results_dir / "fmnist.csv"]
-    fmnist_table(runs, written[0])
+    fmnist_table(runs, written[0], grid=grid)
     finished = [r for r in runs if r.status == "finished"]
-    written.append(learning_curves(finished, results_dir / "fmnist" / "curves.png", "Fashion-MNIST, ResNet-32"))
-    alr_runs = sorted((r for r in finished if r.key[2] == "alr" and r.snapshot_epochs()), key=lambda r: r.seed)
-    if alr_runs:
-        written.append(residual_label_panels(alr_runs[0], None, results_dir / "fmnist" / "residual_labels.png"))
+    order, labels = method_order(grid, runs), method_labels(grid, runs)
+    curves = results_dir / "fmnist" / "curves.png"
+    written.append(learning_curves(finished, curves, "Fashion-MNIST, ResNet-32", order, labels))
+    if run := heatmap_run(finished, grid.report.heatmap):
+        written.append(residual_label_panels(run, None, results_dir / "fmnist" / "residual_labels.png"))
     return written

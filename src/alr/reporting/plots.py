@@ -3,12 +3,15 @@
 One PNG per (experiment, dataset, model): test accuracy (in full, and zoomed on the second half of
 training), test loss, training accuracy and each training loss term over epochs; one colour (and dash)
 per method, the mean over seeds as a line and the min–max range over seeds as a band. Only finished
-runs are drawn, so every line averages the same seeds at every epoch.
+runs are drawn, so every line averages the same seeds at every epoch. A method's colour and dash follow
+its place in its experiment's sweep (``configs/experiment/<name>.yaml``), its name in the legend is its
+config's label.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -18,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alr.reporting.figures import residual_label_panels  # noqa: E402
+from alr.reporting.grid import Grid, grid_if_configured, heatmap_run, method_labels, method_order  # noqa: E402
 from alr.reporting.runs import Run  # noqa: E402
-from alr.reporting.tables import METHOD_LABELS  # noqa: E402
 
 # (metrics.jsonl key, panel title, y-axis label, y scale); "zoom" is linear, limited to the second half
 PANELS = [
@@ -32,24 +35,16 @@ PANELS = [
     ("train/L_upd", "L_upd (train)", "cross entropy", "linear"),
     ("train/w", "w = 1 − acc_train", "w", "linear"),
 ]
-METHOD_ORDER = list(METHOD_LABELS)
-COLORS = dict(zip(METHOD_ORDER, plt.get_cmap("tab10").colors))
-# Methods whose curves coincide (SLR and ALR-S share the smoothed L_hard) stay apart by their dashes.
-LINESTYLES = {
-    "baseline": "-",
-    "slr": ":",
-    "alr": "-",
-    "alr_s": "--",
-    "alr_mean": "-",
-    "alr_s_mean": "--",
-    "kd": "-.",
-    "dml": (0, (5, 1, 1, 1, 1, 1)),
-}
-ALR_METHODS = ("alr", "alr_s")
+COLORS = plt.get_cmap("tab10").colors
+# Methods whose curves coincide (SLR and ALR-S share the smoothed L_hard) stay apart by their dashes: the k-th
+# method of a sweep takes the k-th colour and the k-th dash (the dashes cycle with a period prime to the colours').
+DASHES = ["-", ":", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2))]
 
 
-def _order(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def style(method: str, order: list[str]) -> tuple[tuple[float, ...], str | tuple]:
+    """The colour and dash of ``method``: those of its place in ``order`` (its experiment's sweep)."""
+    k = order.index(method) if method in order else len(order)
+    return COLORS[k % len(COLORS)], DASHES[k % len(DASHES)]
 
 
 def curve(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -62,14 +57,24 @@ def curve(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.array(epochs), values.mean(axis=0), values.min(axis=0), values.max(axis=0)
 
 
-def learning_curves(runs: list[Run], out: Path, title: str) -> Path:
-    """One figure of :data:`PANELS` for the runs of one (experiment, dataset, model)."""
+def learning_curves(
+    runs: list[Run], out: Path, title: str, order: list[str] | None = None, labels: Mapping[str, str] | None = None
+) -> Path:
+    """One figure of :data:`PANELS` for the runs of one (experiment, dataset, model).
+
+    ``order``: the methods in their experiment's sweep order (:func:`~alr.reporting.grid.method_order`), which
+    sets the order of the legend and each method's colour and dash; ``labels``: how the legend names them.
+    Both default to what the runs say (their methods by name, their configs' labels).
+    """
     by_method: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_method[run.key[2]].append(run)
+    order = order if order is not None else method_order(None, runs)
+    labels = {**method_labels(None, runs), **(labels or {})}
+    drawn = sorted(by_method, key=lambda m: (order.index(m) if m in order else len(order), m))
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), constrained_layout=True)
     for ax, (key, panel_title, ylabel, scale) in zip(axes.flat, PANELS):
-        for method in sorted(by_method, key=_order):
+        for method in drawn:
             c = curve(by_method[method], key)
             if c is None:
                 continue
@@ -77,8 +82,8 @@ def learning_curves(runs: list[Run], out: Path, title: str) -> Path:
             if scale == "zoom":
                 half = epochs > epochs[-1] / 2
                 epochs, mean, lo, hi = epochs[half], mean[half], lo[half], hi[half]
-            color, style = COLORS.get(method), LINESTYLES.get(method, "-")
-            ax.plot(epochs, mean, color=color, ls=style, lw=1.8, label=METHOD_LABELS.get(method, method))
+            color, dash = style(method, order)
+            ax.plot(epochs, mean, color=color, ls=dash, lw=1.8, label=labels[method])
             if len(by_method[method]) > 1:
                 ax.fill_between(epochs, lo, hi, color=color, alpha=0.1 if scale == "zoom" else 0.18, lw=0)
         if not ax.lines:
@@ -89,17 +94,10 @@ def learning_curves(runs: list[Run], out: Path, title: str) -> Path:
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    handles = [
-        plt.Line2D(
-            [],
-            [],
-            color=COLORS.get(m),
-            ls=LINESTYLES.get(m, "-"),
-            lw=2,
-            label=f"{METHOD_LABELS.get(m, m)} ({len(by_method[m])} seeds)",
-        )
-        for m in sorted(by_method, key=_order)
-    ]
+    handles = []
+    for m in drawn:
+        color, dash = style(m, order)
+        handles.append(plt.Line2D([], [], color=color, ls=dash, lw=2, label=f"{labels[m]} ({len(by_method[m])} seeds)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     fig.suptitle(f"{title}: mean over seeds, band = min–max over seeds")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,25 +106,28 @@ def learning_curves(runs: list[Run], out: Path, title: str) -> Path:
     return out
 
 
-def write_plots(runs: list[Run], out_dir: Path) -> list[Path]:
+def write_plots(runs: list[Run], out_dir: Path, grids: Mapping[str, Grid] | None = None) -> list[Path]:
     """Learning curves for every (experiment, dataset, model) with finished runs, and the residual-label
-    heatmaps (first, middle and last snapshot) of the lowest-seed finished run of each ALR method there."""
+    heatmaps (first, middle and last snapshot) of the lowest-seed finished run of each method there that saved
+    residual-label snapshots. ``grids``: the experiments' grids where the caller has read them already."""
     groups: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
     for run in runs:
         if run.status == "finished":
             groups[(run.config["experiment_name"], *run.key[:2])].append(run)
     written = []
+    experiments: dict[str, Grid | None] = {}
     for (experiment, dataset, model), cell_runs in sorted(groups.items()):
+        if experiment not in experiments:
+            experiments[experiment] = grid_if_configured(experiment, grids)
+        grid = experiments[experiment]
+        experiment_runs = [r for r in runs if r.config.get("experiment_name") == experiment]
+        order, labels = method_order(grid, experiment_runs), method_labels(grid, experiment_runs)
         folder = out_dir / experiment
-        written.append(
-            learning_curves(cell_runs, folder / f"{dataset}-{model}.png", f"{experiment}: {dataset}, {model}")
-        )
-        for method in ALR_METHODS:
-            alr_runs = sorted(
-                (r for r in cell_runs if r.key[2] == method and r.snapshot_epochs()), key=lambda r: r.seed
-            )
-            if alr_runs:
-                run = alr_runs[0]
+        title = f"{experiment}: {dataset}, {model}"
+        written.append(learning_curves(cell_runs, folder / f"{dataset}-{model}.png", title, order, labels))
+        for method in sorted({r.key[2] for r in cell_runs}, key=order.index):
+            run = heatmap_run(cell_runs, {"method": method})
+            if run:
                 out = folder / f"{dataset}-{model}-{method}-s{run.seed}-residual_labels.png"
                 written.append(residual_label_panels(run, None, out))
     return written

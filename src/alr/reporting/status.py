@@ -4,7 +4,8 @@
 copies it onto the front page. For each result: the command that reproduces it, how many of the runs its
 experiment's grid expects have finished or failed (the grid is read from ``configs/experiment/<name>.yaml``,
 as for the missing-cells list), the precision and hardware the finished runs used, a one-line verdict
-computed from the runs, and a link to the generated table.
+computed from the runs, and a link to the generated table. Which methods the verdict compares, and which run
+Figure 3 draws, the experiment's ``report`` key says (``verdict``, ``heatmap``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alr.config import CONFIG_DIR
-from alr.reporting.grid import Grid, expected_grid
+from alr.reporting.grid import Comparisons, Grid, configured_label, expected_grid, matches, method_labels
 from alr.reporting.runs import Run, load_runs
 from alr.reporting.stats import welch
 from alr.reporting.tables import collect, shortened
@@ -46,7 +47,6 @@ RESULTS = (
         "fmnist.md",
     ),
 )
-FIGURE3_RUN = ("cifar10", "preact_resnet18", "alr", 0)  # the run `make figure3` draws by default
 
 
 def _ran_on(runs: list[Run]) -> str:
@@ -59,18 +59,23 @@ def _ran_on(runs: list[Run]) -> str:
     return f"{precisions} on {devices}"
 
 
-def verdict(runs: list[Run], epochs: int) -> str:
-    """ALR-S against the baseline, cell by cell (same data set and model), from the finished runs."""
+def verdict(runs: list[Run], epochs: int, report: Comparisons, labels: dict[str, str] | None = None) -> str:
+    """``report.verdict``'s method against its reference, cell by cell (same data set and model), from the
+    finished runs; ``labels`` name the method (default: its config's label)."""
     done = [r for r in runs if r.status == "finished"]
     if not done:
         return "not run"
+    if report.verdict is None:
+        return f"{len(done)} runs finished; the experiment's config names no verdict (report.verdict)"
+    method, reference = report.verdict
+    label = (labels or {}).get(method) or configured_label(method)
     cells = collect(done)
-    pairs = sorted({(d, m) for d, m, method in cells if method == "alr_s" and (d, m, "baseline") in cells})
+    pairs = sorted({(d, m) for d, m, k in cells if k == method and (d, m, reference) in cells})
     if not pairs:
-        return f"{len(done)} runs finished; no cell has both ALR-S and the baseline yet"
-    comparisons = [welch(cells[(d, m, "alr_s")], cells[(d, m, "baseline")]) for d, m in pairs]
+        return f"{len(done)} runs finished; no cell has both {label} and the {reference} yet"
+    comparisons = [welch(cells[(d, m, method)], cells[(d, m, reference)]) for d, m in pairs]
     above = sum(c.diff > 0 for c in comparisons)
-    text = f"ALR-S above baseline in {above} of {len(pairs)} cells"
+    text = f"{label} above {reference} in {above} of {len(pairs)} cells"
     tested = [c for c in comparisons if c.p_value is not None]
     if tested:
         text += f", {sum(c.diff > 0 and c.p_value < 0.05 for c in tested)} of them at p < 0.05"
@@ -82,8 +87,9 @@ def verdict(runs: list[Run], epochs: int) -> str:
     return text
 
 
-def _figure3_row(result: Result, runs: list[Run], results_dir: Path) -> list[str]:
-    run = next((r for r in runs if (*r.key, r.seed) == FIGURE3_RUN), None)
+def _figure_row(result: Result, runs: list[Run], results_dir: Path, report: Comparisons) -> list[str]:
+    """A figure drawn from one run: the one its experiment's ``report.heatmap`` names."""
+    run = next((r for r in runs if matches(r, report.heatmap)), None)
     status = run.status if run else "not run"
     drawn = (results_dir / result.output).exists()
     finished = 1 if status == "finished" else 0
@@ -109,10 +115,10 @@ def status_rows(runs_root: Path, results_dir: Path, grids: dict[str, Grid] | Non
         # Run folders, else the run records an experiment commits under results/<experiment>/runs/ (Fashion-MNIST).
         found = load_runs(runs_root / result.experiment) or load_runs(results_dir / result.experiment / "runs")
         runs = [r for r in found if r.config.get("experiment_name") == result.experiment]
+        grid = (grids or {}).get(result.experiment) or expected_grid(result.experiment)
         if result.output.endswith(".png"):
-            row = _figure3_row(result, runs, results_dir)
+            row = _figure_row(result, runs, results_dir, grid.report)
         else:
-            grid = (grids or {}).get(result.experiment) or expected_grid(result.experiment)
             expected = len(grid.cells) * len(grid.seeds)
             finished = sum(r.status == "finished" for r in runs)
             failed = sum(r.status == "failed" for r in runs)
@@ -122,7 +128,7 @@ def status_rows(runs_root: Path, results_dir: Path, grids: dict[str, Grid] | Non
                 f"`{result.command}`",
                 f"{finished} / {failed} / {expected}",
                 _ran_on(runs),
-                verdict(runs, grid.epochs),
+                verdict(runs, grid.epochs, grid.report, method_labels(grid, runs)),
             ]
         row[0] = link
         rows.append(row)

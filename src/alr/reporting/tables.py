@@ -1,4 +1,9 @@
-"""Result tables from run folders: mean ± std over seeds, parameters, significance against baseline."""
+"""Result tables from run folders: mean ± std over seeds, parameters, significance against a reference method.
+
+No method is named here: a table's rows are its experiment's grid (in its sweep's order) beside the paper's
+rows and whatever else its runs hold, each method named by its config's label, and what a table compares is
+its experiment's ``report`` key (:class:`~alr.reporting.grid.Comparisons`).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from alr.reporting.grid import Comparisons, Grid, expected_grid, method_labels, table_cells
 from alr.reporting.runs import Run
 from alr.reporting.stats import Cell, welch
-
-METHOD_LABELS = {
-    "baseline": "Baseline",
-    "slr": "SLR",
-    "alr": "ALR",
-    "alr_s": "ALR-S",
-    "alr_mean": "ALR, averaged",
-    "alr_s_mean": "ALR-S, averaged",
-    "kd": "KD",
-    "dml": "DML",
-}
 
 
 def collect(runs: list[Run], metric: str = "final_test_acc") -> dict[tuple[str, str, str], Cell]:
@@ -65,24 +60,25 @@ def format_params(params: dict[str, int] | None) -> str:
     return f"{params['backbone']:,}{extra}"
 
 
-# Every table builder adds this column (filled by `significance`) and this note.
+# Every table builder that compares with a reference adds this column (filled by `significance`) and this note.
 SIGNIFICANCE_HEADER = "Δ vs baseline (Welch p)"
 SIGNIFICANCE_NOTE = (
     "Δ vs baseline: the method's mean minus the baseline's mean of the same data set and model, in points, with "
     "the two-sided p-value of Welch's t-test over seeds; * marks p < 0.05; n/a where either side has fewer than "
     "2 finished seeds or every seed of both gave the same accuracy (p n/a), or one has no finished run (n/a)."
 )
-COMPARED = ("alr", "alr_s")
 
 
-def significance(cells: dict, dataset: str, model: str, method: str, baseline: str = "baseline") -> str:
-    """ALR / ALR-S against the baseline of the same cell: ``+0.12 (p=0.034) *``, ``+0.12 (p n/a)`` or ``n/a``.
+def significance(cells: dict, dataset: str, model: str, method: str, report: Comparisons) -> str:
+    """A compared method against the experiment's reference (``report.reference``) of the same data set and
+    model: ``+0.12 (p=0.034) *``, ``+0.12 (p n/a)`` or ``n/a``.
 
-    Empty for the methods that are not compared (the baseline itself, SLR, KD, DML).
+    Empty for the methods the experiment does not compare (:meth:`Comparisons.compares`: the reference itself,
+    and those ``report.compared`` leaves out).
     """
-    if method not in COMPARED:
+    if not report.compares(method):
         return ""
-    a, b = cells.get((dataset, model, method)), cells.get((dataset, model, baseline))
+    a, b = cells.get((dataset, model, method)), cells.get((dataset, model, report.reference))
     comparison = welch(a, b) if a and b else None
     return comparison.format() if comparison else "n/a"
 
@@ -110,20 +106,22 @@ def trained_on(runs: list[Run]) -> tuple[float, str, str]:
     return seconds, devices, versions
 
 
-def demo_table(runs: list[Run], out_md: Path, seeds: int = 3) -> str:
-    """The embedded default's table, laid out like the paper's Table 1."""
-    cells = collect(runs)
+def demo_table(runs: list[Run], out_md: Path, seeds: int = 3, grid: Grid | None = None) -> str:
+    """The embedded default's table, laid out like the paper's Table 1: a row per method of the demo's grid
+    (``configs/experiment/demo.yaml``), then any other its runs hold."""
+    grid = grid or expected_grid("demo")
+    cells, labels = collect(runs), method_labels(grid, runs)
     header = ["Method", "Test accuracy (%)", "Seeds", "Params (backbone + method)", SIGNIFICANCE_HEADER]
     rows = []
-    for method in ("baseline", "slr", "alr", "alr_s"):
-        cell = cells.get(("digits", "digits_cnn", method))
+    for key in table_cells(grid.cells, (r.key for r in runs)):
+        cell = cells.get(key)
         rows.append(
             [
-                METHOD_LABELS[method],
+                labels[key[2]],
                 format_acc(cell, seeds),
                 str(cell.n if cell else 0),
                 format_params(cell.params if cell else None),
-                significance(cells, "digits", "digits_cnn", method),
+                significance(cells, *key, grid.report),
             ]
         )
     wall, devices, versions = trained_on(runs)
@@ -170,6 +168,16 @@ def load_paper(table: str, paper_dir: Path = PAPER_DIR) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def paper_rows(table: str) -> dict[tuple[str, str, str], dict[str, str]]:
+    """The paper's rows of ``table`` by (dataset, model, method), in the paper's order."""
+    return {(r["dataset"], r["model"], r["method"]): r for r in load_paper(table)}
+
+
+def rows_of(table: str, grid: Grid, runs: list[Run]) -> list[tuple[str, str, str]]:
+    """A table's rows: the paper's, the grid's cells it lacks and the runs' other cells (:func:`table_cells`)."""
+    return table_cells(paper_rows(table), grid.cells, (r.key for r in runs))
+
+
 def shortened(run: Run, epochs: int) -> bool:
     """A run trained with capped batches or fewer epochs than the recipe (smoke or debug runs)."""
     trainer = run.config.get("trainer", {})
@@ -197,9 +205,12 @@ def provenance(runs: list[Run], epochs: int, table: str, command: str = "") -> l
     return notes
 
 
-def table1(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 300, command: str = "") -> str:
-    """Table 1 (CIFAR-10/100 × PreAct ResNet-18, WRN-28-10 × 4 methods), ours beside the paper's."""
-    cells = collect(runs)
+def table1(
+    runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 300, command: str = "", grid: Grid | None = None
+) -> str:
+    """Table 1 (CIFAR-10/100 × PreAct ResNet-18, WRN-28-10 × its grid's methods), ours beside the paper's."""
+    grid = grid or expected_grid("table1")
+    cells, labels, paper = collect(runs), method_labels(grid, runs), paper_rows("table1")
     header = [
         "Dataset",
         "Model",
@@ -213,22 +224,21 @@ def table1(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 300, com
         "Params (paper)",
     ]
     rows = []
-    for paper in load_paper("table1"):
-        key = (paper["dataset"], paper["model"], paper["method"])
-        cell = cells.get(key)
-        diff = f"{cell.mean - float(paper['accuracy']):+.2f}" if cell and cell.n else "—"
+    for key in rows_of("table1", grid, runs):
+        cell, reported = cells.get(key), paper.get(key)
+        diff = f"{cell.mean - float(reported['accuracy']):+.2f}" if cell and cell.n and reported else "—"
         rows.append(
             [
-                DATASET_LABELS[key[0]],
-                MODEL_LABELS[key[1]],
-                METHOD_LABELS[key[2]],
+                DATASET_LABELS.get(key[0], key[0]),
+                MODEL_LABELS.get(key[1], key[1]),
+                labels[key[2]],
                 format_acc(cell),
                 f"{cell.n if cell else 0}/{seeds}",
-                f"{float(paper['accuracy']):.2f} ± {float(paper['std']):.2f}",
+                f"{float(reported['accuracy']):.2f} ± {float(reported['std']):.2f}" if reported else "—",
                 diff,
-                significance(cells, *key),
+                significance(cells, *key, grid.report),
                 format_params(cell.params if cell else None),
-                paper["params"],
+                reported["params"] if reported else "—",
             ]
         )
     notes = [
@@ -241,12 +251,8 @@ def table1(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 300, com
     return write_table(rows, header, out_md, "Table 1: CIFAR-10 / CIFAR-100, test accuracy (%)", notes)
 
 
-# DML's two networks, as the trainer names them in result.json's final_test_acc_by_network (Table 4).
-NETWORKS = {"net1": "network 1", "net2": "network 2"}
-
-
 def _teacher_params(runs: list[Run], cell_runs: list[Run]) -> int | None:
-    """The backbone parameters of the teacher a finished KD run names (``method.teacher_run``), read from that
+    """The backbone parameters of the teacher a finished run names (``method.teacher_run``, KD), read from that
     folder's ``result.json``, or from the run of the same folder name among ``runs`` if the folders moved."""
     for run in cell_runs:
         teacher = run.config.get("method", {}).get("teacher_run")
@@ -269,12 +275,34 @@ def _multiple(params: dict[str, int] | None, teacher: int | None, one_backbone: 
     return f"×{total / one_backbone:.2f}" + (" (with the frozen teacher)" if teacher else "")
 
 
-def table4(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 200, command: str = "") -> str:
-    """Table 4 (CIFAR-100; ResNet-32 and WRN-28-10 × Baseline, KD, DML, ALR-S), ours beside the paper's.
+def _one_backbone(cells: dict[tuple[str, str, str], Cell], key: tuple[str, str, str]) -> int | None:
+    """The parameters of one backbone of ``key``'s model: its own runs' count, else another cell's of the same
+    data set and model."""
+    same = [cells.get(key)] + [c for k, c in cells.items() if k[:2] == key[:2]]
+    return next((c.params["backbone"] for c in same if c and c.params), None)
 
-    DML's row is the mean of its two networks' accuracies (the DML paper's convention), followed by a
-    row per network; ALR-S is compared by Welch's t-test with our own Baseline, KD and DML.
+
+def networks(cell_runs: list[Run], declared: int = 0) -> list[str]:
+    """The networks a cell's method is scored by, as its runs recorded them (``final_test_acc_by_network`` in
+    ``result.json``), else ``declared`` of them (``report.networks``, for a cell no run has finished yet);
+    empty for a method scored by its backbone alone."""
+    recorded = {net for r in cell_runs for net in r.result.get("final_test_acc_by_network") or {}}
+    return sorted(recorded) or ([f"net{i}" for i in range(1, declared + 1)] if declared > 1 else [])
+
+
+def table4(
+    runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 200, command: str = "", grid: Grid | None = None
+) -> str:
+    """Table 4 (CIFAR-100; ResNet-32 and WRN-28-10 × its grid's methods), ours beside the paper's.
+
+    A method scored by several networks (DML) has a row for their mean (the DML paper's convention), followed
+    by a row per network; every row is compared by Welch's t-test with ``report.versus`` (ALR-S) of its model.
     """
+    grid = grid or expected_grid("table4")
+    report, labels, paper = grid.report, method_labels(grid, runs), paper_rows("table4")
+    if report.versus is None:
+        raise ValueError("configs/experiment/table4.yaml: set report.versus, the method every row is compared with")
+    versus = labels.get(report.versus, report.versus)
     cells = collect(runs)
     header = [
         "Model",
@@ -283,52 +311,50 @@ def table4(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 200, com
         "Seeds",
         "Paper (%)",
         "Ours − paper",
-        "ALR-S − this row (Welch p)",
+        f"{versus} − this row (Welch p)",
         "Params (ours)",
         "Multiple (ours)",
         "Multiple (paper)",
     ]
     rows = []
-    for paper in load_paper("table4"):
-        key = (paper["dataset"], paper["model"], paper["method"])
-        cell, base = cells.get(key), cells.get((key[0], key[1], "baseline"))
+    for key in rows_of("table4", grid, runs):
+        cell, reported = cells.get(key), paper.get(key)
         cell_runs = [r for r in runs if r.key == key]
-        teacher = _teacher_params(runs, cell_runs) if key[2] == "kd" else None
-        reference = next((c.params for c in (base, cell) if c and c.params), None)  # one backbone of this model
-        std = f" ± {float(paper['std']):.2f}" if paper["std"] else ""
-        alr_s = cells.get((key[0], key[1], "alr_s"))
-        comparison = welch(alr_s, cell) if alr_s and cell and key[2] != "alr_s" else None
-        versus = "" if key[2] == "alr_s" else (comparison.format() if comparison else "n/a")
+        teacher = _teacher_params(runs, cell_runs)
+        std = f" ± {float(reported['std']):.2f}" if reported and reported["std"] else ""
+        quoted = f"{float(reported['accuracy']):.2f}{std}{reported['quoted']}" if reported else "—"
+        against = cells.get((key[0], key[1], report.versus))
+        comparison = welch(against, cell) if against and cell and key[2] != report.versus else None
         params = format_params(cell.params if cell else None)
         if teacher:
             params += f" + teacher {teacher:,} (frozen)"
-        label = METHOD_LABELS[key[2]] + (" (mean of 2 networks)" if key[2] == "dml" else "")
+        nets = networks(cell_runs, report.networks.get(key[2], 0))
+        label = labels[key[2]] + (f" (mean of {len(nets)} networks)" if nets else "")
         rows.append(
             [
-                MODEL_LABELS[key[1]],
+                MODEL_LABELS.get(key[1], key[1]),
                 label,
                 format_acc(cell),
                 f"{cell.n if cell else 0}/{seeds}",
-                f"{float(paper['accuracy']):.2f}{std}{paper['quoted']}",
-                f"{cell.mean - float(paper['accuracy']):+.2f}" if cell and cell.n else "—",
-                versus,
+                quoted,
+                f"{cell.mean - float(reported['accuracy']):+.2f}" if cell and cell.n and reported else "—",
+                "" if key[2] == report.versus else (comparison.format() if comparison else "n/a"),
                 params,
-                _multiple(cell.params if cell else None, teacher, reference["backbone"] if reference else None),
-                paper["params"],
+                _multiple(cell.params if cell else None, teacher, _one_backbone(cells, key)),
+                reported["params"] if reported else "—",
             ]
         )
-        if key[2] == "dml":
-            for net, name in NETWORKS.items():
-                net_cell = collect(cell_runs, f"final_test_acc_by_network/{net}").get(key) if cell_runs else None
-                rows.append(
-                    [
-                        MODEL_LABELS[key[1]],
-                        f"DML, {name}",
-                        format_acc(net_cell),
-                        f"{net_cell.n if net_cell else 0}/{seeds}",
-                    ]
-                    + ["—", "—", "", "", "", ""]
-                )
+        for net in nets:
+            net_cell = collect(cell_runs, f"final_test_acc_by_network/{net}").get(key) if cell_runs else None
+            rows.append(
+                [
+                    MODEL_LABELS.get(key[1], key[1]),
+                    f"{labels[key[2]]}, network {net.removeprefix('net')}",
+                    format_acc(net_cell),
+                    f"{net_cell.n if net_cell else 0}/{seeds}",
+                ]
+                + ["—", "—", "", "", "", ""]
+            )
     notes = [
         "Ours: test accuracy after the last epoch (`docs/deviations.md#recipes-and-reporting`), mean ± sample std "
         f"over the seeds that finished ({seeds} expected). DML trains two networks per run; its row is the mean of "
@@ -338,8 +364,8 @@ def table4(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 200, com
         "(Zhang et al. 2018) rather than runs of its own. The suite trains those rows itself: replications of the "
         "DML paper found independent ResNet-32s at about 71 % on CIFAR-100, not 68.99; our Baseline row shows "
         "what we got, unadjusted.",
-        "ALR-S − this row: ALR-S's mean minus this row's, same model, in points, with the two-sided p-value of "
-        "Welch's t-test over seeds; * marks p < 0.05; n/a where a side has no finished run.",
+        f"{versus} − this row: {versus}'s mean minus this row's, same model, in points, with the two-sided p-value "
+        "of Welch's t-test over seeds; * marks p < 0.05; n/a where a side has no finished run.",
         "Multiple: every parameter the method needs (both of DML's networks, ALR's matrix, KD's frozen teacher) "
         "over the parameters of one backbone of the row's model, from the run folders' `result.json` (KD's teacher: "
         "the folder its `method.teacher_run` names). The paper prints ~3× for KD; a WRN-28-10 teacher with a "
@@ -351,9 +377,11 @@ def table4(runs: list[Run], out_md: Path, seeds: int = 5, epochs: int = 200, com
     )
 
 
-def table2(runs: list[Run], out_md: Path, epochs: int = 90, command: str = "") -> str:
-    """Table 2 (ImageNet × ResNet-50/101/152 v1.5 × 4 methods): top-1 and top-5, ours beside the paper's."""
+def table2(runs: list[Run], out_md: Path, epochs: int = 90, command: str = "", grid: Grid | None = None) -> str:
+    """Table 2 (ImageNet × ResNet-50/101/152 v1.5 × its grid's methods): top-1 and top-5, ours beside the paper's."""
+    grid = grid or expected_grid("table2")
     top1, top5 = collect(runs), collect(runs, "final_test_acc5")
+    labels, paper = method_labels(grid, runs), paper_rows("table2")
     header = [
         "Model",
         "Method",
@@ -366,13 +394,13 @@ def table2(runs: list[Run], out_md: Path, epochs: int = 90, command: str = "") -
         "Params (ours)",
     ]
     rows = []
-    for paper in load_paper("table2"):
-        key = (paper["dataset"], paper["model"], paper["method"])
-        row = [MODEL_LABELS[key[1]], METHOD_LABELS[key[2]]]
+    for key in rows_of("table2", grid, runs):
+        reported = paper.get(key)
+        row = [MODEL_LABELS.get(key[1], key[1]), labels[key[2]]]
         for cells, column in ((top1, "top1"), (top5, "top5")):
             cell = cells.get(key)
-            diff = f"{cell.mean - float(paper[column]):+.2f}" if cell and cell.n else "—"
-            row += [format_acc(cell), f"{float(paper[column]):.2f}", diff]
+            diff = f"{cell.mean - float(reported[column]):+.2f}" if cell and cell.n and reported else "—"
+            row += [format_acc(cell), f"{float(reported[column]):.2f}" if reported else "—", diff]
         cell = top1.get(key)
         rows.append(row + [format_params(cell.params if cell else None)])
     notes = [
@@ -384,33 +412,31 @@ def table2(runs: list[Run], out_md: Path, epochs: int = 90, command: str = "") -
     return write_table(rows, header, out_md, "Table 2: ImageNet-1k (ILSVRC-2012), top-1 / top-5 accuracy (%)", notes)
 
 
-TABLE3_DATASETS = ("ag_news", "yahoo_answers", "yelp_full")
-TABLE3_MODELS = ("fasttext", "textrnn", "textrcnn", "charcnn", "transformer")
+def table3(runs: list[Run], out_md: Path, epochs: int = 30, command: str = "", grid: Grid | None = None) -> str:
+    """Table 3 (AG News, Yahoo! Answers, Yelp × five text models × its grid's methods), ours beside the paper's.
 
-
-def table3(runs: list[Run], out_md: Path, epochs: int = 30, command: str = "") -> str:
-    """Table 3 (AG News, Yahoo! Answers, Yelp × five text models × baseline, ALR-S), ours beside the paper's.
-
-    TextRCNN is the suite's extra row (the network the paper cites for TextRNN): the paper has no number for it.
+    Rows follow the grid (``configs/experiment/table3.yaml``): TextRCNN is the suite's extra row (the network
+    the paper cites for TextRNN), and has no paper number.
     """
-    cells = collect(runs)
-    paper = {(r["dataset"], r["model"], r["method"]): float(r["accuracy"]) for r in load_paper("table3")}
+    grid = grid or expected_grid("table3")
+    cells, labels = collect(runs), method_labels(grid, runs)
+    paper = {key: float(r["accuracy"]) for key, r in paper_rows("table3").items()}
     header = ["Dataset", "Model", "Method", "Ours (%)", "Seeds", "Paper (%)", "Ours − paper", SIGNIFICANCE_HEADER]
     header.append("Params (ours)")
     rows = []
-    for key in ((d, m, k) for d in TABLE3_DATASETS for m in TABLE3_MODELS for k in ("baseline", "alr_s")):
+    for key in table_cells(grid.cells, (r.key for r in runs)):
         cell, reported = cells.get(key), paper.get(key)
         diff = f"{cell.mean - reported:+.2f}" if cell and cell.n and reported is not None else "—"
         rows.append(
             [
-                DATASET_LABELS[key[0]],
-                MODEL_LABELS[key[1]],
-                METHOD_LABELS[key[2]],
+                DATASET_LABELS.get(key[0], key[0]),
+                MODEL_LABELS.get(key[1], key[1]),
+                labels[key[2]],
                 format_acc(cell),
                 str(cell.n if cell else 0),
                 f"{reported:.2f}" if reported is not None else "—",
                 diff,
-                significance(cells, *key),
+                significance(cells, *key, grid.report),
                 format_params(cell.params if cell else None),
             ]
         )
