@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from alr.gpu_check import (
     write_report,
 )
 from alr.models import PreActResNet18
-from alr.reporting.gpu import RunRecipe, predict, render, table_recipes
+from alr.reporting.gpu import Cost, RunRecipe, predict, render, table_recipes
 from conftest import ROOT, run_train
 
 SCRIPT = [sys.executable, str(ROOT / "scripts" / "gpu_check.py")]
@@ -113,31 +114,80 @@ def test_predicted_gpu_hours_of_table1_from_its_configs_and_given_throughputs():
 
 def test_cells_not_measured_are_left_out_and_named():
     common = dict(seeds=1, epochs=10, batch_size=64, num_train=1000, num_test=100, channels_last=True, compile=False)
+    baseline = Cost("baseline")
     recipes = [
-        RunRecipe("t", "cifar100", "preact_resnet18", "dml", precision="fp32", **common),
-        RunRecipe("t", "cifar100", "preact_resnet18", "kd", precision="fp32", **common),
-        RunRecipe("t", "cifar100", "resnet32", "baseline", precision="fp32", **common),
-        RunRecipe("t", "cifar100", "preact_resnet18", "slr", precision="fp16", **common),
-        RunRecipe("t", "text", "preact_resnet18", "baseline", **{**common, "num_train": None}, precision="fp32"),
+        RunRecipe("t", "cifar100", "preact_resnet18", "dml", precision="fp32", cost=Cost("baseline", 2), **common),
+        RunRecipe(
+            "t",
+            "cifar100",
+            "preact_resnet18",
+            "kd",
+            precision="fp32",
+            cost=Cost("baseline", 1, ("wrn28_10",)),
+            **common,
+        ),
+        RunRecipe(
+            "t",
+            "cifar100",
+            "preact_resnet18",
+            "kd",
+            precision="fp32",
+            cost=Cost("baseline", 1, ("resnet50",)),
+            **common,
+        ),
+        RunRecipe("t", "cifar100", "resnet32", "baseline", precision="fp32", cost=baseline, **common),
+        RunRecipe("t", "cifar100", "preact_resnet18", "slr", precision="fp16", cost=baseline, **common),
+        RunRecipe(
+            "t", "text", "preact_resnet18", "baseline", **{**common, "num_train": None}, precision="fp32", cost=baseline
+        ),
     ]
     p = predict(recipes, THROUGHPUT)["t"]
-    assert p["configured"]["hours"] == pytest.approx(10 * (2 * 1000 / 10_000 + 100 / 50_000) / 3600)  # DML: 2 nets
+    dml = 10 * (2 * 1000 / 10_000 + 100 / 50_000)  # two networks' steps
+    kd = 10 * (1000 / 10_000 + 1000 / 10_000 + 100 / 50_000)  # the student's step and the teacher's forward pass
+    assert p["configured"]["hours"] == pytest.approx((dml + kd) / 3600)
     assert p["configured"]["missing"] == [
-        "method kd not measured",
+        "resnet50 (forward pass of kd) not measured at fp32, channels_last, eager",
         "resnet32 / baseline not measured at fp32, channels_last, eager",
         "preact_resnet18 / baseline not measured at fp16, channels_last, eager",
         "dataset text has no num_train/num_test in its config",
     ]
 
 
+def test_every_method_is_priced_from_its_configs_cost_kd_with_its_teachers_forward_pass():
+    recipes = table_recipes("table4")
+    cost = {r.method: r.cost for r in recipes}
+    assert cost == {
+        "baseline": Cost("baseline"),
+        "kd": Cost("baseline", 1, ("wrn28_10",)),  # configs/method/kd.yaml: the teacher's forward pass
+        "dml": Cost("baseline", 2),
+        "alr_s": Cost("alr_s"),
+    }
+    rates = {"resnet32": (8_000, 40_000), "wrn28_10": (2_000, 10_000)}  # train, eval images/s
+    throughput = [_cell(m, k, "fp32", *rates[m]) for m in rates for k in ("baseline", "alr_s")]
+    p = predict(recipes, throughput)["table4"]
+    assert p["runs"] == 35 and p["configured"]["missing"] == []
+
+    def run(model: str, steps: float = 1, teacher: str | None = None) -> float:
+        train, evaluate = rates[model]
+        forward = 50_000 / rates[teacher][1] if teacher else 0.0
+        return 200 * (steps * 50_000 / train + forward + 10_000 / evaluate)
+
+    runs = [run("wrn28_10"), run("wrn28_10", 2), run("wrn28_10")]
+    runs += [run("resnet32"), run("resnet32", teacher="wrn28_10"), run("resnet32", 2), run("resnet32")]
+    assert p["configured"]["hours"] == pytest.approx(5 * sum(runs) / 3600)
+
+
 def _report() -> dict:
     common = dict(epochs=300, batch_size=128, num_train=50000, num_test=10000, precision="fp32", compile=False)
+    like = {"baseline": "baseline", "slr": "baseline", "alr": "alr_s", "alr_s": "alr_s"}
     recipes = [
-        RunRecipe("table1", d, m, k, seeds=5, channels_last=True, **common)
+        RunRecipe("table1", d, m, k, seeds=5, channels_last=True, cost=Cost(like[k]), **common)
         for d in ("cifar10", "cifar100")
         for m in ("preact_resnet18", "wrn28_10")
-        for k in ("baseline", "slr", "alr", "alr_s")
-    ] + [RunRecipe("table1", "cifar100", "resnet32", "kd", seeds=5, channels_last=True, **common)]
+        for k in like
+    ]
+    kd = Cost("baseline", 1, ("wrn28_10",))
+    recipes.append(RunRecipe("table1", "cifar100", "resnet32", "kd", seeds=5, channels_last=True, cost=kd, **common))
     return {
         "command": "python -m alr.gpu_check",
         "date": "2026-11-25 22:00 UTC",
@@ -167,7 +217,7 @@ def _report() -> dict:
         ],
         "throughput": copy.deepcopy(THROUGHPUT),
         "flops_per_image": {"preact_resnet18": 3.33e9},
-        "recipes": [r.__dict__ for r in recipes],
+        "recipes": [asdict(r) for r in recipes],
         "recipe_objects": recipes,
         "skipped_experiments": ["demo (trains on the CPU: trainer.device=cpu)"],
     }
@@ -192,7 +242,7 @@ def test_the_report_is_generated_from_the_measurements(tmp_path: Path):
     assert "- preact_resnet18: bf16, channels_last, eager (20,000 images/s)" in text
     hours = data["predictions"]["table1"]["configured"]["hours"]
     assert f"| table1 | 85 | {hours:,.1f} h (+ 1 cell not measured) |" in text
-    assert "- table1, as configured: method kd not measured (1 cell)" in text
+    assert "- table1, as configured: resnet32 / baseline not measured at fp32, channels_last, eager (1 cell)" in text
     assert "Not predicted: demo (trains on the CPU: trainer.device=cpu)." in text
 
 

@@ -59,8 +59,8 @@ from alr.config import CONFIG_DIR, compose
 from alr.config_check import validate
 from alr.flops import peak_tflops, training_flops_per_image
 from alr.reporting.gpu import (
-    alr_overhead,
     fastest_settings,
+    overhead,
     predict,
     render,
     setting_label,
@@ -78,6 +78,10 @@ OPTIONAL = {
     "timm (ResNet-50/101/152, Table 2)": "timm",
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The methods timed side by side, so the two meet the machine in the same state: the reference (its fastest
+# setting is each backbone's), then ALR-S, whose overhead per image over it the report gives. Every method
+# config's cost.like names one of them (docs/gpu-check.md).
+METHODS = ("baseline", "alr_s")
 # GPU tests the report names on a line of their own (test function: what it proves), beside the summary.
 NAMED_CHECKS = {
     "test_resume_on_cuda_is_bit_identical": "CUDA resume bit-identical",
@@ -332,12 +336,11 @@ def plan(backbones: list[Backbone], precisions: list[str]) -> list[Cell]:
     settings before it: fp32 with ``channels_last`` (the trainer's default, measured first, which also
     sets each backbone's steps per epoch), then the other eager settings, then the compiled ones.
     """
-    methods = ("baseline", "alr_s")  # side by side, so the two meet the machine in the same state
     favourite = "bf16" if "bf16" in precisions else precisions[-1]
     eager = [(p, cl, False) for cl in (True, False) for p in precisions]
     compiled = [(favourite, True, True)] + [(p, cl, True) for cl in (True, False) for p in precisions]
     settings = list(dict.fromkeys(eager + compiled))
-    return [Cell(b, m, p, cl, comp) for p, cl, comp in settings for b in backbones for m in methods]
+    return [Cell(b, m, p, cl, comp) for p, cl, comp in settings for b in backbones for m in METHODS]
 
 
 def measure(cell: Cell, steps: int, epochs: int, work: Path, device: str = "cuda") -> dict[str, Any]:
@@ -470,7 +473,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     """``out_dir/<gpu>.json`` (the measurements) and ``.md`` (rendered from them); return the ``.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / slug(report["machine"]["gpu"])
-    report["predictions"] = predict(report["recipe_objects"], report["throughput"])
+    report["predictions"] = predict(report["recipe_objects"], report["throughput"], METHODS[0])
     plain = {k: v for k, v in report.items() if k != "recipe_objects"}
     base.with_suffix(".json").write_text(json.dumps(plain, indent=1) + "\n")
     base.with_suffix(".md").write_text(render(plain))
@@ -515,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "optional": optional_parts(),
         "tests": {"summary": "not run yet", "failures": [], "checks": []},
         "end_to_end": [],
+        "methods": {m: str(compose([f"method={m}"]).method.label) for m in METHODS},  # name -> label
         "throughput": [],
         "flops_per_image": {},
         "recipes": [asdict(r) for r in recipes],
@@ -570,9 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = sum(c["status"] == "ok" for c in report["throughput"])
     skipped = sum(c["status"].startswith("skipped") for c in report["throughput"])
     say(f"{ok} of {len(report['throughput'])} throughput cells measured, {skipped} skipped by the time budget")
-    for model, cell in fastest_settings(report["throughput"]).items():
-        overhead = alr_overhead(report["throughput"], cell)
-        alr_text = f"ALR-S {overhead:+.1f} % per image" if overhead is not None else "ALR-S not measured there"
+    for model, cell in fastest_settings(report["throughput"], METHODS[0]).items():
+        extra = overhead(report["throughput"], cell, METHODS[1], METHODS[0])
+        alr_text = f"ALR-S {extra:+.1f} % per image" if extra is not None else "ALR-S not measured there"
         say(f"fastest {model}: {setting_label(cell)}, {cell['train_images_per_s']:,.0f} images/s ({alr_text})")
     for name, p in report["predictions"].items():
         hours = [f"{p[k]['hours']:,.1f}" if p[k]["hours"] else "not measured" for k in ("configured", "fastest")]

@@ -3,39 +3,50 @@
 Everything here is arithmetic on a measurement dict (the ``.json`` the check writes beside the
 ``.md``), so the report and the predictions can be rebuilt and tested without a GPU.
 
-Prediction of one run (docs/gpu-check.md, "Before you spend GPU-days")::
+Prediction of one run (docs/gpu-check.md, "Before you spend GPU-days"), from its method's ``cost``
+(``configs/method/<name>.yaml``: ``like``, ``steps``, ``forwards``)::
 
-    seconds = epochs × (num_train × cost ÷ train images/s + num_test ÷ eval images/s)
+    seconds = epochs × (steps × num_train ÷ train images/s of like
+                        + Σ over forwards: num_train ÷ eval images/s of that model
+                        + num_test ÷ eval images/s)
 
-with the images/s that the check measured through the trainer for the run's backbone, its
-method's cost class and a setting (precision, ``channels_last``, ``torch.compile``); a table's
-GPU-hours sum this over every cell and seed of its grid. ``cost`` is 1, except for DML's two
-networks (2: each takes a full training step). Images ÷ images/s is steps per epoch ÷ steps/s with
-the last, partial batch counted by its size. Writing ``last.pt`` and ``metrics.jsonl`` once an epoch
-is not counted.
+with the images/s that the check measured through the trainer for the run's backbone (a forward
+model's for each of ``forwards``: KD's teacher) at a setting (precision, ``channels_last``,
+``torch.compile``); a table's GPU-hours sum this over every cell and seed of its grid. Images ÷
+images/s is steps per epoch ÷ steps/s with the last, partial batch counted by its size. Writing
+``last.pt`` and ``metrics.jsonl`` once an epoch is not counted. Which methods the check measured is
+read from the measurements (``methods``, else the order of the throughput cells): the first one is the
+reference whose fastest cell sets each backbone's fastest setting, and the others' overhead is
+against it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from alr.config import compose
 from alr.reporting.grid import expected_grid
 
-# The method whose throughput stands for each method's step (same network, same extra work):
-# SLR is cross entropy with smoothed targets; ALR and ALR-S run the same residual-label loss.
-METHOD_COST: dict[str, tuple[str, float]] = {
-    "baseline": ("baseline", 1.0),
-    "slr": ("baseline", 1.0),
-    "alr": ("alr_s", 1.0),
-    "alr_s": ("alr_s", 1.0),
-    "alr_mean": ("alr_s", 1.0),
-    "alr_s_mean": ("alr_s", 1.0),
-    "dml": ("baseline", 2.0),  # two networks of one architecture, each a full step (docs/deviations.md#the-methods)
-}
 SETTING_KEYS = ("precision", "channels_last", "compile")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one training step of a method runs (its config's ``method.cost``)."""
+
+    like: str  # the measured method whose training step this one's equals
+    steps: float = 1.0  # how many such steps (DML: 2, a network each)
+    forwards: tuple[str, ...] = field(default_factory=tuple)  # models run forward only (KD's teacher)
+
+    @classmethod
+    def from_config(cls, node: Any) -> Cost:
+        cost = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        return cls(str(cost["like"]), float(cost["steps"]), tuple(str(m) for m in cost["forwards"] or ()))
 
 
 @dataclass
@@ -54,6 +65,7 @@ class RunRecipe:
     precision: str
     channels_last: bool
     compile: bool
+    cost: Cost
 
 
 def setting_label(cell: dict[str, Any]) -> str:
@@ -64,23 +76,32 @@ def setting_label(cell: dict[str, Any]) -> str:
     )
 
 
-def _lookup(throughput: list[dict[str, Any]], model: str, method: str, setting: dict[str, Any]) -> dict | None:
+def _lookup(throughput: list[dict[str, Any]], model: str, method: str | None, setting: dict[str, Any]) -> dict | None:
+    """The measured cell of ``model`` and ``method`` (None: any method) at ``setting``."""
     for cell in throughput:
         if (
             cell.get("status") == "ok"
             and cell["model"] == model
-            and cell["method"] == method
+            and method in (None, cell["method"])
             and all(cell[k] == setting[k] for k in SETTING_KEYS)
         ):
             return cell
     return None
 
 
-def fastest_settings(throughput: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per backbone, the measured baseline cell with the most training images/s."""
+def measured_methods(report: dict[str, Any]) -> dict[str, str]:
+    """The methods the check measured, name -> label, the reference first: the report's ``methods``, else the
+    order in which its throughput cells name them."""
+    if report.get("methods"):
+        return dict(report["methods"])
+    return {m: m for m in dict.fromkeys(c["method"] for c in report.get("throughput", []))}
+
+
+def fastest_settings(throughput: list[dict[str, Any]], method: str) -> dict[str, dict[str, Any]]:
+    """Per backbone, the measured cell of ``method`` (the reference) with the most training images/s."""
     best: dict[str, dict[str, Any]] = {}
     for cell in throughput:
-        if cell.get("status") != "ok" or cell["method"] != "baseline":
+        if cell.get("status") != "ok" or cell["method"] != method:
             continue
         if cell["model"] not in best or cell["train_images_per_s"] > best[cell["model"]]["train_images_per_s"]:
             best[cell["model"]] = cell
@@ -88,26 +109,38 @@ def fastest_settings(throughput: list[dict[str, Any]]) -> dict[str, dict[str, An
 
 
 def run_seconds(recipe: RunRecipe, throughput: list[dict[str, Any]], setting: dict[str, Any]) -> float | str:
-    """Seconds one run of ``recipe`` takes under ``setting``, or why it cannot be predicted."""
-    if recipe.method not in METHOD_COST:
-        return f"method {recipe.method} not measured"
+    """Seconds one run of ``recipe`` takes under ``setting``, or why it cannot be predicted.
+
+    A model run forward only (``cost.forwards``) is priced at its evaluation images/s, whichever method was
+    measured with it: evaluation runs the model alone.
+    """
     if recipe.num_train is None or recipe.num_test is None:
         return f"dataset {recipe.dataset} has no num_train/num_test in its config"
-    measured_as, cost = METHOD_COST[recipe.method]
-    cell = _lookup(throughput, recipe.model, measured_as, setting)
+    like = recipe.cost.like
+    cell = _lookup(throughput, recipe.model, like, setting)
     if cell is None:
-        return f"{recipe.model} / {measured_as} not measured at {setting_label(setting)}"
-    train = recipe.num_train * cost / cell["train_images_per_s"]
+        return f"{recipe.model} / {like} not measured at {setting_label(setting)}"
+    train = recipe.num_train * recipe.cost.steps / cell["train_images_per_s"]
+    for model in recipe.cost.forwards:
+        forward = _lookup(throughput, model, None, setting)
+        if forward is None:
+            return f"{model} (forward pass of {recipe.method}) not measured at {setting_label(setting)}"
+        train += recipe.num_train / forward["eval_images_per_s"]
     evaluate = recipe.num_test / cell["eval_images_per_s"]
     return recipe.epochs * (train + evaluate)
 
 
-def predict(recipes: list[RunRecipe], throughput: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def predict(
+    recipes: list[RunRecipe], throughput: list[dict[str, Any]], reference: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Per experiment: its runs, and GPU-hours as configured and at each backbone's fastest measured setting.
 
-    A cell that cannot be predicted is left out of the sum, with the reason listed (once per cell) under ``missing``.
+    ``reference``: the method whose fastest cell sets a backbone's fastest setting (default: the first method
+    the throughput cells name, :func:`measured_methods`). A cell that cannot be predicted is left out of the
+    sum, with the reason listed (once per cell) under ``missing``.
     """
-    fastest = fastest_settings(throughput)
+    reference = reference or next(iter(measured_methods({"throughput": throughput})), "")
+    fastest = fastest_settings(throughput, reference)
     out: dict[str, dict[str, Any]] = {}
     for r in recipes:
         table = out.setdefault(
@@ -125,14 +158,14 @@ def predict(recipes: list[RunRecipe], throughput: list[dict[str, Any]]) -> dict[
     return out
 
 
-def alr_overhead(throughput: list[dict[str, Any]], cell: dict[str, Any]) -> float | None:
-    """ALR-S's extra time per image over the baseline at ``cell``'s backbone and setting, in percent."""
+def overhead(throughput: list[dict[str, Any]], cell: dict[str, Any], method: str, reference: str) -> float | None:
+    """``method``'s extra time per image over ``reference``'s at ``cell``'s backbone and setting, in percent."""
     setting = {k: cell[k] for k in SETTING_KEYS}
-    base = _lookup(throughput, cell["model"], "baseline", setting)
-    alr = _lookup(throughput, cell["model"], "alr_s", setting)
-    if not base or not alr:
+    base = _lookup(throughput, cell["model"], reference, setting)
+    other = _lookup(throughput, cell["model"], method, setting)
+    if not base or not other:
         return None
-    return 100.0 * (base["train_images_per_s"] / alr["train_images_per_s"] - 1.0)
+    return 100.0 * (base["train_images_per_s"] / other["train_images_per_s"] - 1.0)
 
 
 def _num(value: float | None, fmt: str = ",.0f") -> str:
@@ -145,7 +178,7 @@ def _hours(h: float) -> str:
 
 def _prediction_rows(report: dict[str, Any]) -> list[str]:
     rows = []
-    fastest = fastest_settings(report["throughput"])
+    fastest = fastest_settings(report["throughput"], next(iter(measured_methods(report)), ""))
     for experiment, p in report["predictions"].items():
         settings = "; ".join(
             f"{m}: {setting_label(c)}" for m, c in fastest.items() if m in {r["model"] for r in report["recipes"]}
@@ -169,6 +202,9 @@ def render(report: dict[str, Any]) -> str:
     """The Markdown report of one machine's check, from its measurement dict."""
     m = report["machine"]
     peak = m.get("peak_tflops")
+    methods = measured_methods(report)  # the reference first, then the methods compared with it
+    reference, reference_label = next(iter(methods.items()), ("", "the reference"))
+    others = {name: label for name, label in methods.items() if name != reference}
     lines = [
         f"# GPU check: {m['gpu']}",
         "",
@@ -223,38 +259,43 @@ def render(report: dict[str, Any]) -> str:
         "Steady state: images/s of each measured epoch after a warm-up epoch (cuDNN autotuning, compilation), "
         "the device synchronised at each epoch's end, as `metrics.jsonl` records `train/images_per_s`; the range "
         "is the slowest and fastest measured epoch. Synthetic on-device images (`dataset=synthetic`), the "
-        "table's optimizer and batch size. ALR-S overhead: its time per image over the baseline's, same setting "
-        "(target ≤ 1 %). Of peak: training FLOPs per image × images/s ÷ the dense fp16/bf16 peak.",
+        "table's optimizer and batch size. Overhead: a method's time per image over "
+        f"{reference_label}'s, same setting (the target for ALR's loss: docs/gpu-check.md). Of peak: training "
+        "FLOPs per image × images/s ÷ the dense fp16/bf16 peak.",
         "",
-        "| backbone | input | batch | precision | memory format | mode | baseline img/s | range | ALR-S img/s "
-        "| ALR-S overhead | eval img/s | of peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| backbone | input | batch | precision | memory format | mode | {reference_label} img/s | range | "
+        + "".join(f"{label} img/s | {label} overhead | " for label in others.values())
+        + "eval img/s | of peak |",
+        "|---|---|---|---|---|---|---|---|" + "---|---|" * len(others) + "---|---|",
     ]
     flops = report.get("flops_per_image", {})
     for cell in report["throughput"]:
-        if cell["method"] != "baseline":
+        if cell["method"] != reference:
             continue
-        alr = _lookup(report["throughput"], cell["model"], "alr_s", cell)
         head = (
             f"| {cell['model']} | {cell['image_size']}² K={cell['num_classes']} | {cell['batch_size']} | "
             f"{cell['precision']} | {'channels_last' if cell['channels_last'] else 'contiguous'} | "
             f"{'compile' if cell['compile'] else 'eager'} | "
         )
         if cell["status"] != "ok":
-            lines.append(head + f"{cell['status']} | | | | | |")
+            lines.append(head + cell["status"] + " |" * (4 + 2 * len(others)))
             continue
         ips = cell["train_images_per_s"]
-        overhead = alr_overhead(report["throughput"], cell)
+        compared = ""
+        for method in others:
+            other = _lookup(report["throughput"], cell["model"], method, cell)
+            extra = overhead(report["throughput"], cell, method, reference)
+            compared += f"{_num(other['train_images_per_s']) if other else '—'} | "
+            compared += f"{f'{extra:+.1f} %' if extra is not None else '—'} | "
         frac = f"{100 * flops[cell['model']] * ips / (peak * 1e12):.1f} %" if peak and cell["model"] in flops else "—"
         lines.append(
             head + f"{ips:,.0f} | {cell['range'][0]:,.0f}–{cell['range'][1]:,.0f} | "
-            f"{_num(alr['train_images_per_s']) if alr else '—'} | "
-            f"{f'{overhead:+.1f} %' if overhead is not None else '—'} | {cell['eval_images_per_s']:,.0f} | {frac} |"
+            f"{compared}{cell['eval_images_per_s']:,.0f} | {frac} |"
         )
     if flops:
         lines += ["", "Training GFLOPs per image: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items()) + "."]
     lines += ["", "## Fastest settings found", ""]
-    best = fastest_settings(report["throughput"])
+    best = fastest_settings(report["throughput"], reference)
     lines += [f"- {model}: {setting_label(c)} ({c['train_images_per_s']:,.0f} images/s)" for model, c in best.items()]
     if not best:
         lines.append("none measured")
@@ -286,16 +327,19 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_recipes(experiment: str) -> list[RunRecipe]:
-    """The cells of ``experiment``'s grid (:func:`~alr.reporting.grid.expected_grid`), each as its config trains it.
+def table_recipes(experiment: str, overrides: Sequence[str] = ()) -> list[RunRecipe]:
+    """The cells of ``experiment``'s grid (:func:`~alr.reporting.grid.expected_grid`), each as its config trains it,
+    with its method's ``cost``. ``overrides`` go into every composition (``hydra.searchpath=...``).
 
     Each cell is composed as ``experiment=<name> dataset=<d> model=<m> method=<k>``: the data set and method
     options are named as their ``name`` fields are, which holds for every config of the suite.
     """
-    grid = expected_grid(experiment)
+    grid = expected_grid(experiment, overrides)
     recipes = []
     for dataset, model, method in grid.cells:
-        cfg = compose([f"experiment={experiment}", f"dataset={dataset}", f"model={model}", f"method={method}"])
+        cfg = compose(
+            [*overrides, f"experiment={experiment}", f"dataset={dataset}", f"model={model}", f"method={method}"]
+        )
         t, d = cfg.trainer, cfg.dataset
         recipes.append(
             RunRecipe(
@@ -311,6 +355,7 @@ def table_recipes(experiment: str) -> list[RunRecipe]:
                 precision=str(t.precision),
                 channels_last=bool(t.channels_last),
                 compile=bool(t.compile),
+                cost=Cost.from_config(cfg.method.cost),
             )
         )
     return recipes
