@@ -4,6 +4,7 @@ from alr.methods.alr_loss import ALRLoss, residual_index
 from alr.methods.confidence_penalty import ConfidencePenalty
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
 from alr.methods.lspp import LabelSmoothingPP
+from alr.methods.ols import OnlineLabelSmoothing
 from alr.methods.supervised import (
     Criterion,
     CrossEntropy,
@@ -26,6 +27,7 @@ __all__ = [
     "KnowledgeDistillation",
     "LabelSmoothingPP",
     "Method",
+    "OnlineLabelSmoothing",
     "RunFacts",
     "StepOutput",
     "Supervised",
