@@ -5,6 +5,8 @@ from alr.methods.confidence_penalty import ConfidencePenalty
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
 from alr.methods.lspp import LabelSmoothingPP
 from alr.methods.ols import OnlineLabelSmoothing
+from alr.methods.ols import OnlineLabelSmoothing
+from alr.methods.pskd import ProgressiveSelfKD
 from alr.methods.supervised import (
     Criterion,
     CrossEntropy,
@@ -28,6 +30,8 @@ __all__ = [
     "LabelSmoothingPP",
     "Method",
     "OnlineLabelSmoothing",
+    "OnlineLabelSmoothing",
+    "ProgressiveSelfKD",
     "RunFacts",
     "StepOutput",
     "Supervised",
