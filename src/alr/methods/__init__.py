@@ -3,9 +3,12 @@
 from alr.methods.alr_loss import ALRLoss, residual_index
 from alr.methods.confidence_penalty import ConfidencePenalty
 from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
+from alr.methods.disturblabel import DisturbLabel
 from alr.methods.lspp import LabelSmoothingPP
 from alr.methods.ols import OnlineLabelSmoothing
 from alr.methods.ols import OnlineLabelSmoothing
+from alr.methods.ols import OnlineLabelSmoothing
+from alr.methods.pskd import ProgressiveSelfKD
 from alr.methods.pskd import ProgressiveSelfKD
 from alr.methods.supervised import (
     Criterion,
@@ -25,12 +28,15 @@ __all__ = [
     "Criterion",
     "CrossEntropy",
     "DeepMutualLearning",
+    "DisturbLabel",
     "EpochHooks",
     "KnowledgeDistillation",
     "LabelSmoothingPP",
     "Method",
     "OnlineLabelSmoothing",
     "OnlineLabelSmoothing",
+    "OnlineLabelSmoothing",
+    "ProgressiveSelfKD",
     "ProgressiveSelfKD",
     "RunFacts",
     "StepOutput",
