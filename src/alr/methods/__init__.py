@@ -6,9 +6,6 @@ from alr.methods.distill import DeepMutualLearning, KnowledgeDistillation
 from alr.methods.disturblabel import DisturbLabel
 from alr.methods.lspp import LabelSmoothingPP
 from alr.methods.ols import OnlineLabelSmoothing
-from alr.methods.ols import OnlineLabelSmoothing
-from alr.methods.ols import OnlineLabelSmoothing
-from alr.methods.pskd import ProgressiveSelfKD
 from alr.methods.pskd import ProgressiveSelfKD
 from alr.methods.supervised import (
     Criterion,
@@ -34,9 +31,6 @@ __all__ = [
     "LabelSmoothingPP",
     "Method",
     "OnlineLabelSmoothing",
-    "OnlineLabelSmoothing",
-    "OnlineLabelSmoothing",
-    "ProgressiveSelfKD",
     "ProgressiveSelfKD",
     "RunFacts",
     "StepOutput",
