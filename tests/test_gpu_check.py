@@ -202,7 +202,7 @@ def _report() -> dict:
             "cudnn": 91300,
             "torch": "2.11.0+cu130",
             "python": "3.12.3",
-            "alr": "0.1.0",
+            "version": "0.1.0",
             "commit": "abc1234",
             "peak_tflops": 989.0,
             "bf16": True,

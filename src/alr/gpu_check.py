@@ -180,7 +180,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "alr": alr.__version__,
+        "version": alr.__version__,  # the suite's
         "commit": commit,
         "peak_tflops": peak_tflops(name),
         "bf16": props.major >= 8,  # bf16 tensor cores from Ampere on (V100 and T4 have none)

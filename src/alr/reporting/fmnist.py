@@ -21,7 +21,7 @@ from alr.reporting.grid import Grid, expected_grid, heatmap_run, method_labels, 
 from alr.reporting.plots import learning_curves
 from alr.reporting.runs import Run, load_runs
 from alr.reporting.stats import welch
-from alr.reporting.tables import SIGNIFICANCE_HEADER, collect, format_acc, format_params, write_table
+from alr.reporting.tables import collect, declared, format_acc, format_params, significance_header, write_table
 
 KEPT = ("config.yaml", "result.json", "metrics.jsonl", "classes.json", "test_confusion.npy")
 SNAPSHOTS = "residual_labels"
@@ -83,7 +83,7 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3, grid: Grid | Non
     experiment's ``report.reference``, and for each run that saved residual labels their rank correlation with
     the reference's confusions (seed s against seed s)."""
     grid = grid or expected_grid("fmnist")
-    report, labels = grid.report, method_labels(grid, runs)
+    report, labels, ref = grid.report, method_labels(grid, runs), declared(grid, "reference")
     finished = [r for r in runs if r.status == "finished"]
     by_method: dict[str, list[Run]] = defaultdict(list)
     for run in sorted(finished, key=lambda r: r.seed):
@@ -96,7 +96,7 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3, grid: Grid | Non
         "Test ECE (%)",
         "Test NLL",
         "Train acc., epoch 1 (%)",
-        SIGNIFICANCE_HEADER,
+        significance_header(report),
         "ρ(residual labels, confusions)",
         "Params (backbone + method)",
     ]
@@ -136,10 +136,10 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3, grid: Grid | Non
         f"over the seeds that finished ({seeds} expected).",
         "ECE: expected calibration error, 15 equal-width confidence bins. NLL: the test set's mean cross entropy. "
         "Train acc., epoch 1: the running training accuracy of the first epoch.",
-        "Δ vs baseline: the method's mean minus the baseline's, in points, with the two-sided p-value of Welch's "
+        f"Δ vs {ref}: the method's mean minus the {ref}'s, in points, with the two-sided p-value of Welch's "
         "t-test over seeds; * marks p < 0.05.",
         "ρ: Spearman's rank correlation over the 90 off-diagonal entries between an ALR run's residual labels "
-        "after the last epoch and the row-normalised test confusion matrix of the baseline run of the same seed; "
+        f"after the last epoch and the row-normalised test confusion matrix of the {ref} run of the same seed; "
         "mean ± std over seeds.",
         "What this table does and does not test: docs/fashion-mnist.md. The paper's claims are about 300-epoch "
         f"CIFAR runs; these train {epochs} epochs on a CPU.",

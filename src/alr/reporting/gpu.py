@@ -228,7 +228,7 @@ def render(report: dict[str, Any]) -> str:
         f"| GPU | {m['gpu']}, {m['memory_gib']:.1f} GiB, compute capability {m['capability']}, {m['sms']} SMs |",
         f"| driver / CUDA / cuDNN | {m['driver']} / {m['cuda']} / {m['cudnn']} |",
         f"| torch / Python | {m['torch']} / {m['python']} |",
-        f"| suite | alr {m['alr']} ({m['commit']}) |",
+        f"| suite | alr {m['version']} ({m['commit']}) |",
         f"| dense fp16/bf16 peak | {f'{peak:g} TFLOP/s' if peak else 'unknown (not in alr.flops.PEAK_TFLOPS)'} |",
         f"| fp32 matmuls / convolutions | {m['fp32_matmul']} / {m['fp32_conv']} |",
     ]
