@@ -93,7 +93,16 @@ def resumable_keys(cfg: DictConfig) -> set[str]:
 # Keys added to the configs after runs were made without them, with the value those runs had: a saved config
 # that lacks one (where the current config has it) is compared as if it held that value, so run folders made
 # before the key existed still resume or are skipped as finished.
-ADDED_KEYS = {"method.module.criterion.residual_mean": False, "method.teacher_model": "wrn28_10"}
+ADDED_KEYS = {
+    "method.module.criterion.residual_mean": False,
+    "method.module.criterion.teach": "all",
+    "method.module.criterion.s_update": "gradient",
+    "method.module.criterion.weight": "one_minus_acc",
+    "method.module.criterion.weight_value": None,
+    "method.module.criterion.s_lr_multiplier": 1.0,
+    "method.module.criterion.s_init": "zeros",
+    "method.teacher_model": "wrn28_10",
+}
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any], resumable: set[str] | None = None) -> list[str]:
