@@ -10,7 +10,7 @@ NPROC  ?=
 ARGS   ?=
 comma  := ,
 
-.PHONY: help install demo plots results wandb-sync test test-slurm lint format bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-fmnist figure3 gpu-check gpu-wheels
+.PHONY: help install demo plots results wandb-sync test test-slurm lint format bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-zoo reproduce-ablation reproduce-fmnist figure3 gpu-check gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -149,6 +149,20 @@ endif
 	$(call sweep,table4,model=wrn28_10 method=baseline trainer.keep_checkpoint=true,teachers)
 	$(call sweep,table4)
 	$(PY) -m alr.report table4 --runs $(GRID_RUNS)/table4 --out $(GRID_OUT)
+
+reproduce-zoo: $(STAMP) ## ALR against six later label regularizers: 100 CIFAR-100 runs, then results/zoo.md (SMOKE=1, GPUS=0,1,..)
+ifeq ($(SMOKE),1)
+	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data cifar100
+endif
+	$(call sweep,zoo)
+	$(PY) -m alr.report zoo --runs $(GRID_RUNS)/zoo --out $(GRID_OUT)
+
+reproduce-ablation: $(STAMP) ## ALR's open choices one at a time: 39 CIFAR-100 runs, then results/alr_ablation.md (SMOKE=1, GPUS=0,1,..)
+ifeq ($(SMOKE),1)
+	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data cifar100
+endif
+	$(call sweep,alr_ablation)
+	$(PY) -m alr.report alr_ablation --runs $(GRID_RUNS)/alr_ablation --out $(GRID_OUT)
 
 # Fashion-MNIST reads the four IDX files from FMNIST_DATA: Debian's dataset-fashion-mnist package installs them in
 # /usr/share/datasets/fashion-mnist. No fallback: a missing folder stops here with what to do. Its run records,

@@ -17,6 +17,7 @@ from alr.reporting.plots import write_plots
 from alr.reporting.runs import load_run, load_runs
 from alr.reporting.status import write_status
 from alr.reporting.tables import demo_table, table1, table2, table3, table4
+from alr.reporting.zoo import alr_ablation, zoo
 
 
 def demo(runs_dir: Path, out_dir: Path) -> None:
@@ -30,13 +31,16 @@ def demo(runs_dir: Path, out_dir: Path) -> None:
         print(f"wrote {out_dir / 'table.md'}, {out_dir / 'table.csv'} and {png}")
 
 
-# Each table of the paper: its builder (runs, out_md, command=...) and its subcommand's help. The experiment
-# configs/experiment/<name>.yaml trains it into runs/<name>/; the table goes to results/<name>.{md,csv}.
+# Each table of the paper, and of the experiments beyond it that compare methods: its builder (runs, out_md,
+# command=...) and its subcommand's help. The experiment configs/experiment/<name>.yaml trains it into
+# runs/<name>/; the table goes to results/<name>.{md,csv}.
 TABLES: dict[str, tuple[Callable[..., str], str]] = {
     "table1": (table1, "Table 1 (CIFAR) beside the paper's numbers"),
     "table2": (table2, "Table 2 (ImageNet, top-1 and top-5) beside the paper's numbers"),
     "table3": (table3, "Table 3 (text) beside the paper's numbers"),
     "table4": (table4, "Table 4 (CIFAR-100, KD and DML) beside the paper's numbers"),
+    "zoo": (zoo, "ALR against the label regularizers that came after it (CIFAR-100)"),
+    "alr_ablation": (alr_ablation, "ALR's open choices, one at a time (CIFAR-100)"),
 }
 
 

@@ -40,6 +40,20 @@ RESULTS = (
     Result("Table 4", "CIFAR-100, ALR-S against KD and DML", "table4", "make reproduce-table4", "table4.md"),
     Result("Figure 3", "residual labels of CIFAR-10 over training", "table1", "make figure3", "figure3.png"),
     Result(
+        "Label regularizers (beyond the paper)",
+        "CIFAR-100, ALR against six later methods",
+        "zoo",
+        "make reproduce-zoo",
+        "zoo.md",
+    ),
+    Result(
+        "ALR's open choices (beyond the paper)",
+        "CIFAR-100, one switch at a time",
+        "alr_ablation",
+        "make reproduce-ablation",
+        "alr_ablation.md",
+    ),
+    Result(
         "Fashion-MNIST (beyond the paper)",
         "ResNet-32 on a CPU, ALR in both normalisations",
         "fmnist",
