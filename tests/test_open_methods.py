@@ -28,7 +28,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from alr.reporting.grid import Comparisons, expected_grid, method_order
+from alr.reporting.grid import Comparisons, expected_grid, method_labels, method_order
 from alr.reporting.plots import learning_curves, style
 from alr.reporting.runs import load_runs
 from alr.reporting.tables import demo_table
@@ -182,3 +182,45 @@ def test_the_report_key_never_refuses_a_resume():
 def test_a_bad_report_key_is_named_in_one_line(report: dict, message: str):
     with pytest.raises(ValueError, match=re.escape(f"configs/experiment/t.yaml: {message}")):
         Comparisons.from_config(report, "t")
+
+
+@pytest.mark.slow
+def test_a_method_kept_in_tests_alone_is_trained_reported_and_priced(tmp_path: Path):
+    """``tests/toy_method.py`` and ``tests/toy_configs/`` (a method and an experiment) through Hydra's search
+    path: the sweep trains it, its table, curves and status verdict name it, the GPU forecast prices it, and
+    nothing under src/ knows its name."""
+    from alr.reporting.gpu import predict, table_recipes
+    from alr.reporting.plots import write_plots
+    from alr.reporting.status import verdict
+    from alr.reporting.zoo import comparison_table
+    from conftest import run_train
+
+    search = f"hydra.searchpath=[file://{ROOT / 'tests' / 'toy_configs'}]"
+    run_train(search, "experiment=toy", out=tmp_path, multirun=True)
+    runs = load_runs(tmp_path / "toy")
+    assert sorted((r.key[2], r.seed) for r in runs) == [("baseline", 0), ("baseline", 1), ("brier", 0), ("brier", 1)]
+    assert all(r.status == "finished" for r in runs)
+    brier = next(r for r in runs if r.key[2] == "brier")
+    assert "train/L_brier" in brier.metrics()[0] and brier.config["method"]["label"] == "Brier"
+    state = __import__("torch").load(brier.path / "last.pt", weights_only=True)["method"]
+    assert int(state["criterion.epochs_started"]) == 2  # its start_epoch hook ran once per epoch
+
+    grid = expected_grid("toy", [search])
+    assert grid.methods == ["baseline", "brier"] and grid.labels["brier"] == "Brier"
+    table = comparison_table("toy", "Toy", runs, tmp_path / "toy.md", grid=grid)
+    row = next(line for line in table.splitlines() if "| Brier |" in line)
+    assert "| 2/2 |" in row and "n/a" not in row.split("|")[-2]  # Δ vs baseline with Welch's test
+    assert any(p.suffix == ".png" for p in write_plots(runs, tmp_path / "plots", {"toy": grid}))
+    assert verdict(runs, grid.epochs, grid.report, method_labels(grid, runs)).startswith("Brier above baseline in ")
+
+    recipes = table_recipes("toy", [search])
+    setting = {"precision": "fp32", "channels_last": True, "compile": False}  # the trainer's defaults
+    measured = [
+        {"status": "ok", "model": "digits_cnn", "method": "baseline", **setting, "train_images_per_s": 1437.0,
+         "eval_images_per_s": 360.0}
+    ]  # fmt: skip
+    p = predict(recipes, measured)["toy"]
+    assert p["runs"] == 4 and p["configured"]["missing"] == []
+    assert p["configured"]["hours"] == pytest.approx(4 * 2 * (1 + 1) / 3600)  # 4 runs × 2 epochs × (1 s + 1 s)
+
+    assert not [p for p in (ROOT / "src").rglob("*.py") if "brier" in p.read_text().lower()]
