@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = (
     "dataset.cache_dir",
     "method.label",  # how reports name the method, and what the GPU forecast prices: neither changes training
     "method.cost",
+    "method.max_state_mb",  # a limit PS-KD checks before it trains: raising it changes no step
     "report",  # what an experiment's tables compare (configs/experiment/): only reporting reads it
 )
 
