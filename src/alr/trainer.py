@@ -338,9 +338,16 @@ class Parts:
         world.broadcast(self.method)
         self.method_params = [p for p in self.method.parameters() if p.requires_grad]
         groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.optim.weight_decay}]
-        if self.method_params:  # ALR's S, DML's peer: own group, own weight decay (docs/deviations.md#the-methods)
-            groups.append({"params": self.method_params, "weight_decay": cfg.method.weight_decay})
+        # ALR's S, DML's peer: their own group, with the method's weight decay (docs/deviations.md#the-methods); a
+        # parameter that carries an ``lr_multiplier`` gets a group whose learning rate is the run's times it.
+        by_multiplier: dict[float, list[nn.Parameter]] = {}
+        for p in self.method_params:
+            by_multiplier.setdefault(float(getattr(p, "lr_multiplier", 1.0)), []).append(p)
+        for multiplier, params in by_multiplier.items():
+            groups.append({"params": params, "weight_decay": cfg.method.weight_decay, "lr_multiplier": multiplier})
         self.optimizer = instantiate(cfg.optim.optimizer)(groups)
+        for group in self.optimizer.param_groups:  # before the scheduler, which takes each group's lr as its base
+            group["lr"] *= group.get("lr_multiplier", 1.0)
         self.scheduler = instantiate(cfg.optim.scheduler)(self.optimizer)
         self.dtype = DTYPES[t.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")

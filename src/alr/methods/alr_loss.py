@@ -40,19 +40,15 @@ def alr_terms_reference(
     targets: Tensor,
     label_smoothing: float = 0.0,
     teach: Tensor | None = None,
-    s_grad_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(L_hard, L_res, L_upd)`` written as plain autograd ops, straight from eq. 3–5 (docs/deviations.md#alrs-loss).
 
     The definition :class:`ALRLoss`'s fused path is tested against (values and gradients) and
     benchmarked beside (``bench/bench_loss.py``); not used for training. ``teach`` (``B``, 0 or 1) keeps
-    only its rows in ``L_upd``, still divided by the batch size; ``s_grad_scale`` multiplies the gradient
-    that reaches ``S`` and leaves every value alone (``teach`` and ``s_lr_multiplier`` of :class:`ALRLoss`).
+    only its rows in ``L_upd``, still divided by the batch size (``teach`` of :class:`ALRLoss`).
     """
     l_hard = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     log_p_res = torch.log_softmax(logits.gather(1, residual_index(targets, logits.shape[1])), dim=1)
-    if s_grad_scale != 1.0:  # the value of S exactly (S − S is 0), the gradient times s_grad_scale
-        S = S.detach() + s_grad_scale * (S - S.detach())
     log_q_res = torch.log_softmax(S[targets], dim=1)
     l_res = -(log_q_res.detach().exp() * log_p_res).sum(dim=1).mean()
     if teach is None:
@@ -206,14 +202,10 @@ class ALRLoss(Criterion):
       device buffer (``ramp_step``, only in this mode, so the default state is unchanged), so a
       mid-epoch resume continues it and no step reads a tensor back. With ``constant`` and ``ramp``
       the accuracy counters are not kept (nor all-reduced), and ``acc_source`` has no effect.
-    * ``s_lr_multiplier`` (default 1) — ``S``'s learning rate as a multiple of the run's. The trainer
-      puts ``S`` in one parameter group with the run's learning rate, so this loss multiplies the
-      gradient that reaches ``S`` instead (``c_s`` of :class:`_ALRFunction`). For torch's SGD (with or
-      without momentum, Nesterov, dampening) and weight decay 0 on ``S`` (``method.weight_decay``, 0 by
-      default) that is the same update as ``lr × multiplier``: every step is linear in the gradients so
-      far. It is not under weight decay (the decay is not multiplied: that is ``lr × m`` with decay
-      ``λ/m``) nor under Adam (which divides the gradient's scale away: the multiplier then has nearly no
-      effect). Refused with ``s_update=running_mean``, where no optimizer trains ``S``.
+    * ``s_lr_multiplier`` (default 1) — ``S``'s learning rate as a multiple of the run's: set as
+      ``S.lr_multiplier``, which the trainer reads to give ``S`` a parameter group whose learning rate is
+      the run's times it, under every schedule (the scheduler scales each group's own base rate) and every
+      optimizer (SGD or Adam alike). Refused with ``s_update=running_mean``, where no optimizer trains ``S``.
     * ``s_init`` — ``zeros`` (default, §3.2 "Initialization") or ``normal``: ``N(0, 0.01²)`` drawn in
       :meth:`setup` from a CPU generator seeded with the run's seed, so every rank draws the same ``S``
       (a resumed run then loads its checkpoint's ``S`` over it).
@@ -268,6 +260,7 @@ class ALRLoss(Criterion):
         self.class_mean = class_mean
         self.residual_mean = residual_mean or class_mean
         self.S = nn.Parameter(torch.zeros(num_classes, num_classes - 1), requires_grad=s_update == "gradient")
+        self.S.lr_multiplier = self.s_lr_multiplier  # the trainer gives S a parameter group of lr × this
         # Running counts of this epoch's correct predictions; buffers so they land in checkpoints.
         self.register_buffer("correct", torch.zeros((), dtype=torch.float64))
         self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
@@ -379,7 +372,7 @@ class ALRLoss(Criterion):
                     self._accumulate(z, targets, teach)
             K = self.num_classes
             residual = 1.0 / (K - 1) if self.residual_mean else 1.0
-            scale = (1.0 / K if self.class_mean else 1.0, residual, residual, residual * self.s_lr_multiplier)
+            scale = (1.0 / K if self.class_mean else 1.0, residual, residual, residual)
             loss, terms = _ALRFunction.apply(z, self.S.float(), targets, w, self.label_smoothing, scale, teach)
         self.last_terms = {"L_hard": terms[0], "L_res": terms[1], "L_upd": terms[2], "w": w}
         return loss

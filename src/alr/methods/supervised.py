@@ -14,7 +14,8 @@ every rank). Tensors that each rank adds to during an epoch and ``end_epoch`` re
 ``partial_sums()`` (non-persistent buffers): a mid-epoch checkpoint saves each rank's own, and a resume gives
 each rank its own back (on another process count rank 0 gets their sum, the others zeros). Extra parameters
 (ALR's ``S``, a peer network) go to the optimizer through ``parameters()``, in a group of their own with
-``cfg.method.weight_decay``. How a method joins: docs/development.md#how-a-method-joins.
+``cfg.method.weight_decay``; one that carries an ``lr_multiplier`` attribute trains at the run's learning rate
+times it. How a method joins: docs/development.md#how-a-method-joins.
 """
 
 from __future__ import annotations
