@@ -58,6 +58,7 @@ from alr.trainer import DTYPES, fit, seed_everything
 TARGET_METHOD = 0.01  # the suite's target (docs/speed.md): alr_s within 1 % of baseline per step
 TARGET_TRAINER = 0.95  # and the trainer at least 0.95 of a bare loop's steps per second
 
+QUICK_METHODS = ("kd", "pskd")  # --quick: a teacher's forward and a per-sample table, not every method
 _stamps: list[float] = []  # filled by TimedBatches, read after each run
 _window: list[ProfiledSteps] = []  # when set, TimedBatches profiles the timed steps of the next run
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first and last are not timed)")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="batch 8, 1 round of 3 steps")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 1 round of 3 steps, 2 methods' accounting")
     parser.add_argument(
         "--methods", default=None, help="comma-separated methods for the per-method op accounting (default: all)"
     )
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             _window[:] = [ProfiledSteps(args.steps, device)]
             run(method, count)
             ops[method or "bare loop"] = _window.pop().ops()
-        methods = args.methods.split(",") if args.methods else all_methods()
+        methods = args.methods.split(",") if args.methods else list(QUICK_METHODS) if args.quick else all_methods()
         declared, extra = {}, {}
         for method in methods:
             cfg = compose_run(method, str(root / "data"), args.model, args.batch_size, args.steps, device.type)

@@ -20,7 +20,7 @@ from alr.methods import RunFacts
 from alr.methods.alr_loss import alr_terms_reference
 from alr.preempt import Interrupted
 from alr.trainer import fit
-from conftest import CONFIGS, compose, run_train
+from conftest import CONFIGS, compose
 from faults import faulty
 
 KEY = "method.module.criterion"
@@ -465,11 +465,10 @@ def test_running_mean_ramp_and_teach_resume_mid_epoch_bit_for_bit(tmp_path: Path
     ]
 
 
-@pytest.mark.slow
 def test_a_running_mean_run_end_to_end(tmp_path: Path):
-    """The real entry point with s_update=running_mean: S leaves the optimizer and is the epochs' mean p_res."""
-    run_train(*FAST, f"{KEY}.s_update=running_mean", out=tmp_path)
+    """The trainer with s_update=running_mean: S leaves the optimizer and is the epochs' mean p_res."""
     run_dir = tmp_path / "default" / "digits-digits_cnn-alr-s0"
+    fit(compose(*FAST, f"{KEY}.s_update=running_mean", f"paths.output_dir={tmp_path}"), run_dir)
     ckpt = _state(run_dir)
     assert len(ckpt["optimizer"]["param_groups"]) == 1  # the backbone's only: S is not the optimizer's
     S = ckpt["method"]["criterion.S"]

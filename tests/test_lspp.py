@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from alr.data import Batch
 from alr.methods import LabelSmoothingPP, RunFacts, Supervised
-from conftest import run_train
+from alr.trainer import fit
+from conftest import compose
 from golden_values import check_golden
 
 
@@ -203,7 +204,8 @@ def test_half_precision_logits_give_a_float32_loss(dtype: torch.dtype):
 
 @pytest.mark.slow
 def test_lspp_trains_end_to_end(tmp_path):
-    run_train("method=lspp", "debug=fast", "trainer.batch_size=32", "trainer.epochs=1", out=tmp_path)
+    overrides = ["method=lspp", "debug=fast", "trainer.batch_size=32", "trainer.epochs=1"]
+    fit(compose(*overrides, f"paths.output_dir={tmp_path}"), tmp_path / "default" / "digits-digits_cnn-lspp-s0")
     run = tmp_path / "default" / "digits-digits_cnn-lspp-s0"
     assert json.loads((run / "result.json").read_text())["status"] == "finished"
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from alr.data import Batch
 from alr.methods import Supervised, TeacherFreeKD
-from conftest import run_train
+from alr.trainer import fit
+from conftest import compose
 from golden_values import check_golden
 
 
@@ -165,7 +166,8 @@ def test_half_precision_logits_give_a_float32_loss(dtype: torch.dtype):
 
 @pytest.mark.slow
 def test_tfkd_trains_end_to_end(tmp_path):
-    run_train("method=tfkd", "debug=fast", "trainer.batch_size=32", "trainer.epochs=1", out=tmp_path)
+    overrides = ["method=tfkd", "debug=fast", "trainer.batch_size=32", "trainer.epochs=1"]
+    fit(compose(*overrides, f"paths.output_dir={tmp_path}"), tmp_path / "default" / "digits-digits_cnn-tfkd-s0")
     run = tmp_path / "default" / "digits-digits_cnn-tfkd-s0"
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "finished" and result["params"]["method"] == 0

@@ -55,8 +55,10 @@ def test_the_ablation_changes_one_switch_of_alr_per_variant():
 
 
 def _smoke(experiment: str, tmp_path: Path) -> list:
+    from alr.data import samples
+
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "alr.data.samples", "--out", str(data), "cifar100"], check=True, cwd=ROOT)
+    samples.main(["--out", str(data), "cifar100"])  # the files `make reproduce-zoo SMOKE=1` writes
     overrides = [f"experiment={experiment}", "debug=smoke", f"dataset.data_dir={data}", "seed=0", "model=resnet32"]
     run_train(*overrides, "trainer.limit_train_batches=1", "trainer.keep_checkpoint=false", out=tmp_path, multirun=True)
     return load_runs(tmp_path / experiment)
@@ -103,7 +105,7 @@ def test_committed_tables_say_not_run_until_runs_exist(tmp_path: Path):
 def test_make_targets_run_the_sweep_then_the_table():
     for target, experiment in (("reproduce-zoo", "zoo"), ("reproduce-ablation", "alr_ablation")):
         dry = subprocess.run(["make", "-n", target, "SMOKE=1"], cwd=ROOT, capture_output=True, text=True, check=True)
-        lines = dry.stdout.splitlines()
+        lines = [line for line in dry.stdout.splitlines() if not line.startswith("make")]  # make[1]: Entering ...
         assert "-m alr.data.samples --out runs/smoke/data cifar100" in lines[0]
         assert f"-m alr.train -m experiment={experiment} paths.output_dir=runs/smoke debug=smoke" in lines[1]
         assert f"-m alr.report {experiment} --runs runs/smoke/{experiment} --out runs/smoke/results" in lines[2]
