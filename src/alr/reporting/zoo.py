@@ -72,7 +72,7 @@ def comparison_table(
             labels.get(key[2], key[2]),
             format_acc(cell),
             f"{cell.n if cell else 0}/{seeds}",
-            format_spread(ece.get(key), 100.0),
+            format_spread(ece.get(key)),  # result.json's ECE is in percent already
             format_spread(nll.get(key), 1.0, 3),
             format_params(cell.params if cell else None),
             format_bytes(state.get(key)),
