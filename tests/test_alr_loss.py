@@ -285,16 +285,8 @@ def test_alr_under_a_process_group_copies_nothing_from_the_host_at_a_step(tmp_pa
     ``gpu`` test (tests/test_gpu.py).
     """
     import torch.distributed as dist
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
+    from golden_values import RecordOps
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
@@ -302,7 +294,7 @@ def test_alr_under_a_process_group_copies_nothing_from_the_host_at_a_step(tmp_pa
         logits = torch.randn(8, 5, requires_grad=True)
         targets = torch.randint(0, 5, (8,))
         criterion(logits, targets)  # a first step outside the recording
-        with Ops() as ops:
+        with RecordOps() as ops:
             criterion(logits, targets).backward()
     finally:
         dist.destroy_process_group()

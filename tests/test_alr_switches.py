@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from alr import ALRLoss, trainer
 from alr.distributed import World
@@ -22,6 +21,7 @@ from alr.preempt import Interrupted
 from alr.trainer import fit
 from conftest import CONFIGS, compose
 from faults import faulty
+from golden_values import RecordOps
 
 KEY = "method.module.criterion"
 FAST = ["debug=fast", "trainer.batch_size=16"]
@@ -320,20 +320,11 @@ def test_ramp_goes_from_0_at_the_first_step_to_1_at_the_last_and_resumes():
 def test_a_switched_step_reads_nothing_back_from_the_device(switches):
     """No ``.item()`` (``_local_scalar_dense``) and no tensor from host data (``lift_fresh``) in forward or backward."""
 
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     crit = ALRLoss(5, **switches)
     crit.setup(_facts(K=5))
     logits, y = _batch(8, 5)
     crit(logits, y)
-    with Ops() as ops:
+    with RecordOps() as ops:
         crit(logits, y).backward()
     assert not {"aten.lift_fresh", "aten._local_scalar_dense", "aten.item"} & set(ops.names), ops.names
 

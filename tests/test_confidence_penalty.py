@@ -13,7 +13,7 @@ from alr.data import Batch
 from alr.methods import ConfidencePenalty, Supervised
 from alr.trainer import fit
 from conftest import compose
-from golden_values import check_golden
+from golden_values import check_golden, logits_case, loss_and_grad, train_three_steps
 
 
 def _reference(logits, y, beta=0.1, threshold=None):
@@ -28,26 +28,14 @@ def _reference(logits, y, beta=0.1, threshold=None):
     return total / B
 
 
-def _case(B: int, K: int, seed: int = 0, scale: float = 3.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(B, K, generator=g), torch.randint(0, K, (B,), generator=g)
-
-
-def _grad(crit_or_fn, logits, y):
-    z = logits.clone().requires_grad_()
-    loss = crit_or_fn(z, y)
-    loss.backward()
-    return loss.detach(), z.grad
-
-
 @pytest.mark.parametrize("threshold", [None, 1.0])
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 @pytest.mark.parametrize("B,K", [(1, 2), (7, 5), (16, 10)])
 def test_loss_and_gradient_match_the_papers_objective(B: int, K: int, beta: float, threshold):
-    logits, y = _case(B, K, seed=B * K)
+    logits, y = logits_case(B, K, seed=B * K)
     crit = ConfidencePenalty(beta, threshold)
-    loss, grad = _grad(crit, logits, y)
-    ref, ref_grad = _grad(lambda z, t: _reference(z, t, beta, threshold), logits, y)
+    loss, grad = loss_and_grad(crit, logits, y)
+    ref, ref_grad = loss_and_grad(lambda z, t: _reference(z, t, beta, threshold), logits, y)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grad, ref_grad)
     # and the closed form: ∂H/∂z = −p·(log p + H), so ∂L/∂z = (p − onehot + β·p·(log p + H)·[H < Γ]) / B
@@ -62,43 +50,23 @@ def test_loss_and_gradient_match_the_papers_objective(B: int, K: int, beta: floa
     assert all(not t.requires_grad and t.dim() == 0 for t in terms.values())
 
 
-def _train_three_steps(loss_fn, seed: int = 0):
-    """A linear classifier trained by 3 SGD steps; returns its weight, bias and the three losses."""
-    g = torch.Generator().manual_seed(seed)
-    D, K, B = 6, 5, 8
-    model = torch.nn.Linear(D, K)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(K, D, generator=g))
-        model.bias.copy_(torch.randn(K, generator=g))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
-    losses = []
-    for _ in range(3):
-        x, y = torch.randn(B, D, generator=g), torch.randint(0, K, (B,), generator=g)
-        loss = loss_fn(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return model.weight.detach(), model.bias.detach(), torch.stack(losses)
-
-
 @pytest.mark.parametrize("threshold", [None, 1.2])
 def test_three_sgd_steps_match_the_papers_objective(threshold):
     method = Supervised(ConfidencePenalty(0.5, threshold))
-    ours = _train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
-    ref = _train_three_steps(lambda m, x, y: _reference(m(x), y, 0.5, threshold))
+    ours = train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
+    ref = train_three_steps(lambda m, x, y: _reference(m(x), y, 0.5, threshold))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
 
 
 def test_golden_values():
-    logits, y = _case(4, 5, seed=7)
+    logits, y = logits_case(4, 5, seed=7)
     crit = ConfidencePenalty()
-    loss, grad = _grad(crit, logits, y)
+    loss, grad = loss_and_grad(crit, logits, y)
     hinge = ConfidencePenalty(0.1, threshold=1.0)
-    hinge_loss, hinge_grad = _grad(hinge, logits, y)
+    hinge_loss, hinge_grad = loss_and_grad(hinge, logits, y)
     method = Supervised(ConfidencePenalty())
-    weight, bias, losses = _train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
+    weight, bias, losses = train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
     check_golden(
         "cp",
         {
@@ -118,22 +86,22 @@ def test_the_hinge_penalises_only_entropies_below_the_threshold():
     confident = torch.tensor([[6.0, 0.0, 0.0, 0.0, 0.0]])  # H ≈ 0.07 nats
     uniform = torch.zeros(1, K)  # H = log 5 ≈ 1.61
     logits, y = torch.cat([confident, uniform]), torch.tensor([0, 3])
-    plain_loss, plain_grad = _grad(ConfidencePenalty(beta=0.0), logits, y)  # the cross entropy alone
-    cp_loss, cp_grad = _grad(ConfidencePenalty(beta=0.5), logits, y)
+    plain_loss, plain_grad = loss_and_grad(ConfidencePenalty(beta=0.0), logits, y)  # the cross entropy alone
+    cp_loss, cp_grad = loss_and_grad(ConfidencePenalty(beta=0.5), logits, y)
 
     # Γ between the two entropies: row 0 gets the penalty's gradient, row 1 the cross entropy's only
     crit = ConfidencePenalty(beta=0.5, threshold=1.0)
-    loss, grad = _grad(crit, logits, y)
+    loss, grad = loss_and_grad(crit, logits, y)
     torch.testing.assert_close(grad[0], cp_grad[0])
     torch.testing.assert_close(grad[1], plain_grad[1])
     H0 = crit.last_terms["H"] * 2 - math.log(K)
     torch.testing.assert_close(loss, plain_loss + 0.5 * (1.0 - H0) / 2)
 
     # Γ below every entropy: no penalty at all; Γ above log K: −β·H plus a constant, the same gradient
-    loss, grad = _grad(ConfidencePenalty(beta=0.5, threshold=1e-3), logits, y)
+    loss, grad = loss_and_grad(ConfidencePenalty(beta=0.5, threshold=1e-3), logits, y)
     torch.testing.assert_close(loss, plain_loss)
     torch.testing.assert_close(grad, plain_grad)
-    loss, grad = _grad(ConfidencePenalty(beta=0.5, threshold=2.0), logits, y)
+    loss, grad = loss_and_grad(ConfidencePenalty(beta=0.5, threshold=2.0), logits, y)
     torch.testing.assert_close(loss, cp_loss + 0.5 * 2.0)
     torch.testing.assert_close(grad, cp_grad)
 
@@ -157,7 +125,7 @@ def test_bad_arguments_are_one_line_errors(kwargs, match):
 @pytest.mark.parametrize("threshold", [None, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_give_a_float32_loss(dtype: torch.dtype, threshold):
-    logits, y = _case(6, 10, scale=20.0)
+    logits, y = logits_case(6, 10, scale=20.0)
     z = logits.to(dtype).requires_grad_()
     crit = ConfidencePenalty(0.1, threshold)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -13,7 +13,7 @@ from alr.data import Batch
 from alr.methods import LabelSmoothingPP, RunFacts, Supervised
 from alr.trainer import fit
 from conftest import compose
-from golden_values import check_golden
+from golden_values import check_golden, train_three_steps
 
 
 def _c_full(C: torch.Tensor) -> torch.Tensor:
@@ -84,31 +84,17 @@ def test_the_backbone_gets_half_the_target_cross_entropy_gradient_and_C_half_its
 
 
 def _train_three_steps(crit_or_ref, seed: int = 0):
-    """A linear classifier (and C) trained by 3 SGD steps as the authors' solver.py does (one optimizer, weight
+    """A linear classifier and C trained by 3 SGD steps as the authors' solver.py does (one optimizer, weight
     decay on C too: --apply_wd 1); returns the final weight, bias, C and the three losses."""
-    g = torch.Generator().manual_seed(seed)
-    D, K, B = 6, 5, 8
-    model = torch.nn.Linear(D, K)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(K, D, generator=g))
-        model.bias.copy_(torch.randn(K, generator=g))
-    batches = [(torch.randn(B, D, generator=g), torch.randint(0, K, (B,), generator=g)) for _ in range(3)]
     if crit_or_ref == "reference":
-        C = torch.nn.Parameter(torch.zeros(K, K - 1))
-        params, step = [C], lambda x, y: _reference(model(x), C, y)[0]
+        C = torch.nn.Parameter(torch.zeros(5, 4))
+        extra, step = [C], lambda model, x, y: _reference(model(x), C, y)[0]
     else:
-        method = Supervised(LabelSmoothingPP(K))
+        method = Supervised(LabelSmoothingPP(5))
         C = method.criterion.C
-        params, step = list(method.parameters()), lambda x, y: method(model, Batch(x, y)).loss
-    opt = torch.optim.SGD([*model.parameters(), *params], lr=0.5, momentum=0.9, weight_decay=5e-4)
-    losses = []
-    for x, y in batches:
-        loss = step(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return model.weight.detach(), model.bias.detach(), C.detach().clone(), torch.stack(losses)
+        extra, step = list(method.parameters()), lambda model, x, y: method(model, Batch(x, y)).loss
+    weight, bias, losses = train_three_steps(step, seed, extra)
+    return weight, bias, C.detach().clone(), losses
 
 
 def test_three_sgd_steps_match_the_authors_formula():

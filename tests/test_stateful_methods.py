@@ -24,6 +24,7 @@ from alr.preempt import Interrupted
 from alr.trainer import fit
 from conftest import compose
 from faults import wrap_method
+from test_resume import _assert_same_state
 
 # A name for the test id, and the overrides that select the method and its stateful setting.
 STATEFUL = {
@@ -49,21 +50,6 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in m.items() if k not in TIMING} for m in lines]
 
 
-def _same(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.parametrize("name", list(STATEFUL))
 def test_sigterm_mid_epoch_then_rerun_is_bit_identical(name: str, tmp_path: Path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -78,7 +64,7 @@ def test_sigterm_mid_epoch_then_rerun_is_bit_identical(name: str, tmp_path: Path
 
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (straight, resumed))
     for key in ("model", "method", "optimizer", "scheduler", "epoch", "step"):
-        _same(a[key], b[key], key)
+        _assert_same_state(a[key], b[key], key)
     assert _metrics(straight) == _metrics(resumed)
     assert any(k.startswith("train/") and k not in ("train/loss", "train/acc") for k in _metrics(straight)[0])
 

@@ -14,7 +14,7 @@ from alr.data import Batch
 from alr.methods import Supervised, TeacherFreeKD
 from alr.trainer import fit
 from conftest import compose
-from golden_values import check_golden
+from golden_values import check_golden, logits_case, loss_and_grad, train_three_steps
 
 
 def _reference(logits, y, alpha=0.1, T=20.0, multiplier=100.0, correct_prob=0.99):
@@ -32,28 +32,16 @@ def _reference(logits, y, alpha=0.1, T=20.0, multiplier=100.0, correct_prob=0.99
     return (1 - alpha) * ce / B + alpha * multiplier * kl / (B * K)
 
 
-def _case(B: int, K: int, seed: int = 0, scale: float = 3.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(B, K, generator=g), torch.randint(0, K, (B,), generator=g)
-
-
-def _grad(fn, logits, y):
-    z = logits.clone().requires_grad_()
-    loss = fn(z, y)
-    loss.backward()
-    return loss.detach(), z.grad
-
-
 SETTINGS = [(0.1, 20.0, 100.0, 0.99), (0.5, 1.0, 1.0, 0.9), (0.95, 40.0, 50.0, 0.99)]
 
 
 @pytest.mark.parametrize("alpha,T,m,a", SETTINGS)
 @pytest.mark.parametrize("B,K", [(1, 2), (7, 5), (16, 10)])
 def test_loss_and_gradient_match_the_authors_formula(B: int, K: int, alpha: float, T: float, m: float, a: float):
-    logits, y = _case(B, K, seed=B * K)
+    logits, y = logits_case(B, K, seed=B * K)
     crit = TeacherFreeKD(alpha, T, m, a)
-    loss, grad = _grad(crit, logits, y)
-    ref, ref_grad = _grad(lambda z, t: _reference(z, t, alpha, T, m, a), logits, y)
+    loss, grad = loss_and_grad(crit, logits, y)
+    ref, ref_grad = loss_and_grad(lambda z, t: _reference(z, t, alpha, T, m, a), logits, y)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grad, ref_grad)
     # closed form: the teacher sums to 1, so ∂/∂z of −Σ t·log p is p − t
@@ -78,7 +66,7 @@ def test_the_virtual_teacher_is_a_softmax_of_the_probabilities_over_T():
 
 
 def test_the_reduction_is_the_element_wise_mean_so_a_multiplier_of_K_gives_the_batch_mean_kl():
-    logits, y = _case(8, 10)
+    logits, y = logits_case(8, 10)
     crit = TeacherFreeKD(alpha=1.0, multiplier=10.0)
     loss = crit(logits, y)
     teacher = crit.teacher(y, 10)
@@ -87,40 +75,20 @@ def test_the_reduction_is_the_element_wise_mean_so_a_multiplier_of_K_gives_the_b
     torch.testing.assert_close(crit.last_terms["L_hard"], F.cross_entropy(logits, y))
 
 
-def _train_three_steps(loss_fn, seed: int = 0):
-    """A linear classifier trained by 3 SGD steps; returns its weight, bias and the three losses."""
-    g = torch.Generator().manual_seed(seed)
-    D, K, B = 6, 5, 8
-    model = torch.nn.Linear(D, K)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(K, D, generator=g))
-        model.bias.copy_(torch.randn(K, generator=g))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
-    losses = []
-    for _ in range(3):
-        x, y = torch.randn(B, D, generator=g), torch.randint(0, K, (B,), generator=g)
-        loss = loss_fn(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return model.weight.detach(), model.bias.detach(), torch.stack(losses)
-
-
 def test_three_sgd_steps_match_the_authors_formula():
     method = Supervised(TeacherFreeKD())
-    ours = _train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
-    ref = _train_three_steps(lambda m, x, y: _reference(m(x), y))
+    ours = train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
+    ref = train_three_steps(lambda m, x, y: _reference(m(x), y))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
 
 
 def test_golden_values():
-    logits, y = _case(4, 5, seed=7)
+    logits, y = logits_case(4, 5, seed=7)
     crit = TeacherFreeKD()
-    loss, grad = _grad(crit, logits, y)
+    loss, grad = loss_and_grad(crit, logits, y)
     method = Supervised(TeacherFreeKD())
-    weight, bias, losses = _train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
+    weight, bias, losses = train_three_steps(lambda m, x, y: method(m, Batch(x, y)).loss)
     check_golden(
         "tfkd",
         {
@@ -153,7 +121,7 @@ def test_bad_arguments_are_one_line_errors(kwargs, match):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_give_a_float32_loss(dtype: torch.dtype):
-    logits, y = _case(6, 10, scale=20.0)
+    logits, y = logits_case(6, 10, scale=20.0)
     z = logits.to(dtype).requires_grad_()
     crit = TeacherFreeKD()
     with torch.autocast("cpu", dtype=torch.bfloat16):
