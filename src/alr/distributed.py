@@ -45,6 +45,15 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def summed_means(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-rank running sums (one row per count) and their counts, summed over every rank in one all-reduce:
+    each row's mean (0 where its count is 0) and the counts. What a method's ``end_epoch`` makes of its partial
+    sums (OLS's per-class softmax, PS-KD's per-sample predictions, ALR's running-mean residual labels)."""
+    total = all_reduce_sum(torch.cat([sums.reshape(-1), counts]))
+    sums, counts = total[: sums.numel()].view_as(sums), total[sums.numel() :]
+    return sums / counts.clamp_min(1).unsqueeze(1), counts
+
+
 def is_main() -> bool:
     """True in rank 0, or when not distributed: the one process that writes files."""
     return not initialized() or dist.get_rank() == 0

@@ -302,10 +302,7 @@ class ALRLoss(Criterion):
         summed over every rank (the same ``S`` on each); a class without one keeps its row."""
         if self.s_update != "running_mean":
             return
-        K = self.num_classes
-        total = distributed.all_reduce_sum(torch.cat([self.res_sums.view(-1), self.res_counts]))
-        sums, counts = total[: K * (K - 1)].view(K, K - 1), total[K * (K - 1) :]
-        mean = sums / counts.clamp_min(1.0).unsqueeze(1)
+        mean, counts = distributed.summed_means(self.res_sums, self.res_counts)
         log_mean = mean.clamp_min(torch.finfo(torch.float32).tiny).log().to(self.S.dtype)
         with torch.no_grad():
             self.S.copy_(torch.where(counts.unsqueeze(1) > 0, log_mean, self.S))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alr.distributed import all_reduce_sum
+from alr.distributed import summed_means
 from alr.methods.supervised import Criterion
 
 if TYPE_CHECKING:
@@ -60,8 +60,7 @@ class OnlineLabelSmoothing(Criterion):
     @torch.no_grad()
     def end_epoch(self, epoch: int, world: World) -> None:
         """``S[k]`` = the epoch's mean softmax of class k's correct samples over all ranks; ``1/K`` where none."""
-        sums, counts = all_reduce_sum(self.class_sums), all_reduce_sum(self.class_counts)
-        mean = sums / counts.clamp_min(1).unsqueeze(1)
+        mean, counts = summed_means(self.class_sums, self.class_counts)
         self.soft_labels.copy_(torch.where(counts.unsqueeze(1) < 0.5, 1.0 / self.num_classes, mean))
         self.class_sums.zero_()
         self.class_counts.zero_()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alr.data.batches import Batch
-from alr.distributed import all_reduce_sum
+from alr.distributed import summed_means
 from alr.methods.supervised import Method, RunFacts, StepOutput
 
 if TYPE_CHECKING:
@@ -103,8 +103,7 @@ class ProgressiveSelfKD(Method):
     @torch.no_grad()
     def end_epoch(self, epoch: int, world: World) -> None:
         """Rows written this epoch (on any rank) become their mean prediction; the others keep theirs."""
-        current, written = all_reduce_sum(self.current), all_reduce_sum(self.written)
-        mean = current / written.clamp_min(1).unsqueeze(1)
+        mean, written = summed_means(self.current, self.written)
         self.previous.copy_(torch.where(written.unsqueeze(1) > 0, mean, self.previous))
         self.current.zero_()
         self.written.zero_()
