@@ -238,21 +238,13 @@ class _EpochTotals:
         epoch's logged averages may differ from an uninterrupted run's in the last bits.
         """
         own = world.own_share(shares)
-        state = own if own is not None else dict(shares[0])
-        if own is None:
-            if world.main:
-                for key in ("sums", "correct"):
-                    state[key] = torch.stack([share[key] for share in shares]).sum(dim=0)
-                state["seen"] = sum(share["seen"] for share in shares)
-            else:
-                state |= {
-                    "sums": torch.zeros_like(state["sums"]),
-                    "correct": torch.zeros_like(state["correct"]),
-                    "seen": 0,
-                }
-        for key in self.FIELDS:
+        state = own if own is not None else shares[0]
+        for key in self.FIELDS:  # copies: restore_sums below writes into them, not into the checkpoint's shares
             value = state[key]
-            setattr(self, key, value.to(self.sums.device) if isinstance(value, torch.Tensor) else value)
+            setattr(self, key, value.to(self.sums.device, copy=True) if isinstance(value, torch.Tensor) else value)
+        if own is None:  # rank 0 the total, the others zero (World.restore_sums), the images seen alike
+            world.restore_sums({"sums": self.sums, "correct": self.correct}, shares)
+            self.seen = sum(share["seen"] for share in shares) if world.main else 0
         return own is not None
 
 
