@@ -20,8 +20,16 @@ from alr.reporting.figures import residual_label_panels
 from alr.reporting.grid import Grid, expected_grid, heatmap_run, method_labels, method_order
 from alr.reporting.plots import learning_curves
 from alr.reporting.runs import Run, load_runs
-from alr.reporting.stats import welch
-from alr.reporting.tables import collect, declared, format_acc, format_params, significance_header, write_table
+from alr.reporting.stats import Cell, welch
+from alr.reporting.tables import (
+    collect,
+    declared,
+    format_acc,
+    format_params,
+    format_spread,
+    significance_header,
+    write_table,
+)
 
 KEPT = ("config.yaml", "result.json", "metrics.jsonl", "classes.json", "test_confusion.npy")
 SNAPSHOTS = "residual_labels"
@@ -53,14 +61,6 @@ def confusion_rank_correlation(run: Run, reference_run: Run) -> float:
     confusion /= confusion.sum(axis=1, keepdims=True).clip(min=1)
     off = ~np.eye(len(residual), dtype=bool)
     return float(stats.spearmanr(residual[off], confusion[off]).statistic)
-
-
-def _mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def sweeps_wall_time(runs: list[Run], gap_s: float = 120.0) -> tuple[float, int]:
@@ -114,11 +114,11 @@ def fmnist_table(runs: list[Run], out_md: Path, seeds: int = 3, grid: Grid | Non
                 labels[method],
                 format_acc(cells[method], seeds),
                 str(len(rs)),
-                _mean_std([r.result["final_test_ece"] for r in rs], 2),
-                _mean_std([r.result["final_test_nll"] for r in rs], 3),
-                _mean_std([r.metrics()[0]["train/acc"] for r in rs], 1),
+                format_spread(Cell([r.result["final_test_ece"] for r in rs]), 2),
+                format_spread(Cell([r.result["final_test_nll"] for r in rs]), 3),
+                format_spread(Cell([r.metrics()[0]["train/acc"] for r in rs]), 1),
                 comparison.format() if comparison else "",
-                _mean_std(rhos, 2) if rhos else "",
+                format_spread(Cell(rhos), 2) if rhos else "",
                 format_params(cells[method].params),
             ]
         )

@@ -53,6 +53,13 @@ def format_acc(cell: Cell | None, seeds_expected: int | None = None) -> str:
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
+def format_spread(cell: Cell | None, digits: int = 2) -> str:
+    """``mean ± std`` of a cell's values (a seed's value alone); "—" where none finished (its accuracy says why)."""
+    if cell is None or not cell.n:
+        return "—"
+    return f"{cell.mean:.{digits}f} ± {cell.std:.{digits}f}" if cell.n >= 2 else f"{cell.mean:.{digits}f}"
+
+
 def format_params(params: dict[str, int] | None) -> str:
     if not params:
         return "—"
@@ -94,6 +101,16 @@ def significance(cells: dict, dataset: str, model: str, method: str, report: Com
         return ""
     a, b = cells.get((dataset, model, method)), cells.get((dataset, model, report.reference))
     comparison = welch(a, b) if a and b else None
+    return comparison.format() if comparison else "n/a"
+
+
+def versus_column(cells: dict, key: tuple[str, str, str], method: str) -> str:
+    """The column "``method`` − this row": ``method``'s mean minus the row's, same data set and model, with Welch's
+    test; empty on ``method``'s own row, n/a where a side has no finished run."""
+    if key[2] == method:
+        return ""
+    against, cell = cells.get((key[0], key[1], method)), cells.get(key)
+    comparison = welch(against, cell) if against and cell else None
     return comparison.format() if comparison else "n/a"
 
 
@@ -337,8 +354,6 @@ def table4(
         teacher = _teacher_params(runs, cell_runs)
         std = f" ± {float(reported['std']):.2f}" if reported and reported["std"] else ""
         quoted = f"{float(reported['accuracy']):.2f}{std}{reported['quoted']}" if reported else "—"
-        against = cells.get((key[0], key[1], report.versus))
-        comparison = welch(against, cell) if against and cell and key[2] != report.versus else None
         params = format_params(cell.params if cell else None)
         if teacher:
             params += f" + teacher {teacher:,} (frozen)"
@@ -352,7 +367,7 @@ def table4(
                 f"{cell.n if cell else 0}/{seeds}",
                 quoted,
                 f"{cell.mean - float(reported['accuracy']):+.2f}" if cell and cell.n and reported else "—",
-                "" if key[2] == report.versus else (comparison.format() if comparison else "n/a"),
+                versus_column(cells, key, report.versus),
                 params,
                 _multiple(cell.params if cell else None, teacher, _one_backbone(cells, key)),
                 reported["params"] if reported else "—",

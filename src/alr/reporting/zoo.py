@@ -15,7 +15,7 @@ from pathlib import Path
 
 from alr.reporting.grid import Grid, expected_grid, method_labels, table_cells
 from alr.reporting.runs import Run
-from alr.reporting.stats import Cell, welch
+from alr.reporting.stats import Cell
 from alr.reporting.tables import (
     DATASET_LABELS,
     MODEL_LABELS,
@@ -23,20 +23,14 @@ from alr.reporting.tables import (
     declared,
     format_acc,
     format_params,
+    format_spread,
     provenance,
     significance,
     significance_header,
     significance_note,
+    versus_column,
     write_table,
 )
-
-
-def format_spread(cell: Cell | None, scale: float = 1.0, digits: int = 2) -> str:
-    """``mean ± std`` of a cell's values times ``scale``; "—" where no run finished (accuracy says why)."""
-    if cell is None or not cell.n:
-        return "—"
-    mean, std = cell.mean * scale, cell.std * scale
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if cell.n >= 2 else f"{mean:.{digits}f}"
 
 
 def format_bytes(cell: Cell | None) -> str:
@@ -73,15 +67,13 @@ def comparison_table(
             format_acc(cell),
             f"{cell.n if cell else 0}/{seeds}",
             format_spread(ece.get(key)),  # result.json's ECE is in percent already
-            format_spread(nll.get(key), 1.0, 3),
+            format_spread(nll.get(key), 3),
             format_params(cell.params if cell else None),
             format_bytes(state.get(key)),
             significance(acc, *key, report),
         ]
         if versus:
-            against = acc.get((key[0], key[1], report.versus))
-            comparison = welch(against, cell) if against and cell and key[2] != report.versus else None
-            row.append("" if key[2] == report.versus else (comparison.format() if comparison else "n/a"))
+            row.append(versus_column(acc, key, report.versus))
         rows.append(row)
     notes = [
         "Accuracy, ECE and NLL: the test set after the last epoch (`docs/deviations.md#recipes-and-reporting`), "
