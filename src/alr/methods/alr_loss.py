@@ -34,6 +34,14 @@ def residual_index(targets: Tensor, num_classes: int) -> Tensor:
     return cols + (cols >= targets.unsqueeze(1))  # int64 + bool: one kernel, no conversion pass
 
 
+def residual_matrix(rows: Tensor) -> Tensor:
+    """``softmax`` of each row of a ``K×(K−1)`` matrix (ALR's ``S``, LS++'s ``C``), detached, in float32 and placed
+    as a K×K matrix with a zero diagonal: row k = how class k's mass spreads over the other classes."""
+    K = rows.shape[0]
+    q = torch.softmax(rows.detach().float(), dim=1)
+    return q.new_zeros(K, K).scatter_(1, residual_index(torch.arange(K, device=q.device), K), q)
+
+
 def alr_terms_reference(
     logits: Tensor,
     S: Tensor,
@@ -318,12 +326,7 @@ class ALRLoss(Criterion):
 
     def residual_labels(self) -> Tensor:
         """``softmax(S)`` placed as a K×K matrix with a zero diagonal: row k = where class k's errors go."""
-        K = self.num_classes
-        q = torch.softmax(self.S.detach().float(), dim=1)
-        full = q.new_zeros(K, K)
-        rows = torch.arange(K, device=q.device)
-        full.scatter_(1, residual_index(rows, K), q)
-        return full
+        return residual_matrix(self.S)
 
     def _scheduled_weight(self, z: Tensor) -> Tensor:
         """``w`` of ``weight=constant`` or ``ramp`` as a 0-dim device tensor (no host synchronisation)."""

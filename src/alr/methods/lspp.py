@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alr.methods.alr_loss import residual_index
+from alr.methods.alr_loss import residual_matrix
 from alr.methods.supervised import Criterion, RunFacts
 
 
@@ -57,11 +57,7 @@ class LabelSmoothingPP(Criterion):
 
     def c_matrix(self) -> Tensor:
         """``softmax(C)`` placed as a K×K matrix with a zero diagonal: row k = where class k's smoothed mass goes."""
-        K = self.num_classes
-        rows = torch.softmax(self.C.detach().float(), dim=1)
-        full = rows.new_zeros(K, K)
-        full.scatter_(1, residual_index(torch.arange(K, device=rows.device), K), rows)
-        return full
+        return residual_matrix(self.C)
 
     def snapshots(self) -> dict[str, Tensor]:
         return {"c_matrix": self.c_matrix()}
