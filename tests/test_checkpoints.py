@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,32 @@ def test_a_mid_epoch_checkpoint_of_alr_0_1_0_resumes_to_the_end(stopped: Path, t
     assert result["status"] == "finished" and [
         m["epoch"] for m in trainer.run_folder.read_metrics(run_dir / "metrics.jsonl")
     ] == [1, 2]
+
+
+def test_the_loaded_checkpoint_is_freed_once_restored(stopped: Path, tmp_path: Path, monkeypatch):
+    """Weights, optimizer state and every rank's partial sums are not kept in host memory for the whole run."""
+    run_dir = tmp_path / stopped.name
+    shutil.copytree(stopped, run_dir)
+
+    class Tracked(dict):  # a dict that can be watched with a weak reference
+        pass
+
+    loaded: list[weakref.ref] = []
+
+    def tracked_load(path: Path) -> Tracked:
+        ckpt = Tracked(load_checkpoint(path))
+        loaded.append(weakref.ref(ckpt))
+        return ckpt
+
+    alive_at_epoch_end: list[bool] = []
+    write_epoch = trainer.write_epoch
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive_at_epoch_end.append(loaded[0]() is not None)
+        return write_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "load_checkpoint", tracked_load)
+    monkeypatch.setattr(trainer, "write_epoch", spy)
+    assert trainer.fit(compose(*FAST, f"paths.output_dir={tmp_path}"), run_dir)["status"] == "finished"
+    assert len(loaded) == 1 and alive_at_epoch_end == [False, False]

@@ -411,6 +411,7 @@ def _train_epoch(
         totals.load_state_dict(progress.partial, world)
         if progress.method_sums is not None:
             world.restore_sums(method.partial_sums(), progress.method_sums)
+        progress.partial = progress.method_sums = None  # every rank's shares: not needed again
     else:
         method.start_epoch(epoch)
     t0 = time.perf_counter()
@@ -461,6 +462,30 @@ def _record(
     return record, scores.confusion
 
 
+def _resume(parts: Parts, ckpt_path: Path, run_dir: Path) -> Progress:
+    """Restore ``last.pt`` into ``parts`` and this process's RNGs; return where training stands.
+
+    The loaded checkpoint (weights, optimizer state, every rank's partial sums) is held only here, so it is
+    freed on return instead of staying in host memory on every rank for the whole run.
+    """
+    world = parts.world
+    ckpt = load_checkpoint(ckpt_path)  # to the CPU: load_state_dict copies onto the device
+    parts.load_state_dict(ckpt, ckpt_path)
+    rng = per_rank(ckpt["rng"])
+    set_rng_state(world.own_share(rng) or rng[0], parts.device, ckpt_path)
+    progress = Progress(ckpt)
+    if world.main:  # the global batch is the same (a config key), so another process count trains the same steps
+        before = ckpt.get("world_size", 1)
+        moved = f", on {world.size} processes instead of {before}" if before != world.size else ""
+        if moved and progress.step:
+            moved += (
+                f" (epoch {progress.epoch + 1}'s logged averages then differ from an uninterrupted run's "
+                "in the last bits)"
+            )
+        print(f"[alr] resuming {run_dir} after {where(progress.epoch, progress.step)}{moved}")
+    return progress
+
+
 def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from ``last.pt`` there) and return its result."""
     ckpt_path, t = run_dir / "last.pt", cfg.trainer
@@ -473,22 +498,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     world = setup(str(t.device))
     seed_everything(cfg.seed, t.deterministic)
     parts = Parts(cfg, world)
-    progress = Progress()
-    if t.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)  # to the CPU: load_state_dict copies onto the device
-        parts.load_state_dict(ckpt, ckpt_path)
-        rng = per_rank(ckpt["rng"])
-        set_rng_state(world.own_share(rng) or rng[0], parts.device, ckpt_path)
-        progress = Progress(ckpt)
-        if world.main:  # the global batch is the same (a config key), so another process count trains the same steps
-            before = ckpt.get("world_size", 1)
-            moved = f", on {world.size} processes instead of {before}" if before != world.size else ""
-            if moved and progress.step:
-                moved += (
-                    f" (epoch {progress.epoch + 1}'s logged averages then differ from an uninterrupted run's "
-                    "in the last bits)"
-                )
-            print(f"[alr] resuming {run_dir} after {where(progress.epoch, progress.step)}{moved}")
+    progress = _resume(parts, ckpt_path, run_dir) if t.resume and ckpt_path.exists() else Progress()
 
     # --- the run folder: from here on files are written, by rank 0 only ---
     params = {"backbone": count_params(parts.model), "method": count_params(parts.method)}
