@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
 import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import JobPaths
-from submitit.slurm.slurm import SlurmJobEnvironment
+from submitit.slurm.slurm import SlurmJobEnvironment, _parse_node_list
 
 from alr.distributed import TORCHRUN_VARIABLES as TORCH_KEYS
-from alr.distributed import _export_slurm_environment, setup
+from alr.distributed import _export_slurm_environment, expand_hostlist, setup
 from alr.errors import RunError
 from alr.loggers import NoLogger, WandbLogger
 from alr.preempt import FINISH_TIMEOUT_S, Interrupted
@@ -93,6 +94,52 @@ def test_torchrun_under_srun_keeps_torchruns_variables(env):
     env.update(srun(1, **torchrun))
     _export_slurm_environment()
     assert {k: env[k] for k in torchrun} == torchrun
+
+
+HOSTLISTS = {
+    "dgx-a[012-013]": ["dgx-a012", "dgx-a013"],  # zero padding kept
+    "gpu[7-8,10],cpu01": ["gpu7", "gpu8", "gpu10", "cpu01"],
+    "node3": ["node3"],
+    "login1,login2": ["login1", "login2"],
+    "n[098-101]": ["n098", "n099", "n100", "n101"],  # the padding of the first number, past its width
+    "x[9-11]": ["x9", "x10", "x11"],
+    "rack[1-2]-n[01-02]": ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"],  # two groups: left to right
+    "a[1,3]b,c[2]": ["a1b", "a3b", "c2"],
+    "gpu-[5]-ib": ["gpu-5-ib"],
+}
+
+
+@pytest.mark.parametrize("hostlist", HOSTLISTS)
+def test_slurms_host_lists_expand_as_submitit_expands_them(hostlist):
+    assert expand_hostlist(hostlist) == HOSTLISTS[hostlist]
+    assert expand_hostlist(hostlist) == _parse_node_list(hostlist)  # submitit's parser, in this process
+
+
+@pytest.mark.parametrize("hostlist", ["", "node[1-2", "node]1", "a,,b", "n[3-1]", "n[1-]", "n[a-b]", "n[]", "n[1,]"])
+def test_what_is_not_a_host_list_is_refused(hostlist):
+    with pytest.raises(ValueError, match="is not a"):
+        expand_hostlist(hostlist)
+
+
+def test_a_step_of_16_tasks_on_two_nodes_needs_no_submitit(env, monkeypatch):
+    """``srun -N2 -n16 python -m alr.train ...`` on a node whose Python has torch but not submitit."""
+    for name in [m for m in sys.modules if m == "submitit" or m.startswith("submitit.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import submitit` now raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError):
+        import submitit.slurm.slurm  # noqa: F401
+    step = {"SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3"}
+    step |= {"SLURM_JOB_NODELIST": "dgx-a[012-013]", "SLURM_STEP_NODELIST": "dgx-a[012-013]"}
+    env.update(srun(11, tasks=16, **step))
+    _export_slurm_environment()
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("11", "16", "3", "dgx-a012")
+
+
+def test_a_node_list_slurm_would_not_write_is_refused_in_one_line(env):
+    env.update(srun(0, SLURM_STEP_NODELIST="node[3-4"))
+    with pytest.raises(RunError) as err:
+        _export_slurm_environment()
+    text = str(err.value)
+    assert text.startswith("SLURM's node list: 'node[3-4' is not a SLURM host list") and "\n" not in text
 
 
 def test_a_one_process_batch_script_of_several_tasks_stays_one_process(env):

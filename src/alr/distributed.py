@@ -23,6 +23,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +197,40 @@ def _slurm_step_tasks() -> int:
     return int(env.get("SLURM_NTASKS", "1")) if env.get("SUBMITIT_EXECUTOR") == "slurm" else 1
 
 
+_HOST = r"(?:[^,\[\]]+|\[[0-9,-]+\])+"  # a name, or a name with bracket groups: dgx-a[012-013]
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compressed host list (``SLURM_STEP_NODELIST``) as host names, in SLURM's order.
+
+    ``dgx-a[012-013]`` is dgx-a012, dgx-a013 (a range keeps its first number's zero padding);
+    ``gpu[7-8,10],cpu01`` is gpu7, gpu8, gpu10, cpu01; several bracket groups in one name expand left to right
+    (``r[1-2]n[1-2]``: r1n1, r1n2, r2n1, r2n2). Written here rather than taken from submitit, which a GPU node
+    that runs ``srun`` by hand may lack. Raises ``ValueError`` on anything else.
+    """
+    if not re.fullmatch(rf"{_HOST}(?:,{_HOST})*", hostlist):
+        raise ValueError(f"{hostlist!r} is not a SLURM host list (such as node[1-3,7],login01)")
+    hosts = []
+    for host in re.findall(_HOST, hostlist):
+        names = [""]
+        for literal, group in re.findall(r"([^\[]+)|\[([^\]]*)\]", host):
+            names = [name + part for name in names for part in ([literal] if literal else _expand_group(group))]
+        hosts.extend(names)
+    return hosts
+
+
+def _expand_group(group: str) -> list[str]:
+    """The numbers of one bracket group, ``07-09,12`` → 07, 08, 09, 12."""
+    out = []
+    for item in group.split(","):
+        first, dash, last = item.partition("-")
+        last = last if dash else first
+        if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+            raise ValueError(f"[{group}] is not a range of SLURM's host list (such as [01-04,07])")
+        out += [f"{n:0{len(first)}d}" for n in range(int(first), int(last) + 1)]
+    return out
+
+
 def _export_slurm_environment() -> None:
     """In a SLURM job step of several tasks, set torch's RANK, WORLD_SIZE, MASTER_ADDR... from SLURM's own.
 
@@ -215,19 +251,18 @@ def _export_slurm_environment() -> None:
         )
     if tasks <= 1:
         return
-    from submitit.slurm.slurm import SlurmJobEnvironment  # here only: a GPU node may have torch without submitit
-
-    class Step(SlurmJobEnvironment):  # submitit's node-list parser, on the step's nodes
-        _env = {**SlurmJobEnvironment._env, "nodes": "SLURM_STEP_NODELIST"}
-
-    step = Step() if env.get("SLURM_STEP_NODELIST") else SlurmJobEnvironment()
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")  # the job's where the step's is not set
+    try:
+        master = expand_hostlist(nodes)[0] if nodes else socket.gethostname()
+    except ValueError as e:
+        raise RunError(f"SLURM's node list: {e}. Set MASTER_ADDR and start the tasks with torchrun instead.") from e
     # One port per job step, away from torchrun's default 29500: a requeued job reuses its own.
     port = 20000 + (int(env["SLURM_JOB_ID"]) * 16 + int(env.get("SLURM_STEP_ID", "0"))) % 40000
     derived = {
         "RANK": env["SLURM_PROCID"],
         "WORLD_SIZE": str(tasks),
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": step.hostnames[0],
+        "MASTER_ADDR": master,
         "MASTER_PORT": str(port),
     }
     stale = [f"{k}={env[k]}" for k in TORCHRUN_VARIABLES if k in env and env[k] != derived.get(k)]
