@@ -74,7 +74,7 @@ def loss_calls(K: int, B: int, device: torch.device) -> dict[str, callable]:
     g = torch.Generator().manual_seed(K * B)
     z = (3 * torch.randn(B, K, generator=g)).to(device).requires_grad_()
     y = torch.randint(0, K, (B,), generator=g).to(device)
-    crits = {"ALRLoss": ALRLoss(K).to(device), "plain_autograd": PlainALRLoss(K).to(device)}
+    crits = {"ALRLoss": ALRLoss(K, normalisation="sum").to(device), "plain_autograd": PlainALRLoss(K).to(device)}
 
     def cross_entropy() -> None:
         z.grad = None

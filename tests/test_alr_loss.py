@@ -33,12 +33,15 @@ def _batch(B: int, K: int, seed: int = 0):
     return logits, y
 
 
+@pytest.mark.parametrize("normalisation", ["mean", "sum"])
 @pytest.mark.parametrize("K", [2, 3, 10, 100])
 @pytest.mark.parametrize("B", [1, 7, 64])
-def test_gradients_match_eq_7_8(K: int, B: int):
-    """∂L/∂z = (p − q) + w·(p_res − q_res) at non-target classes; ∂L/∂S = L_upd's closed form only."""
+def test_gradients_match_eq_7_8(K: int, B: int, normalisation: str):
+    """∂L/∂z = (p − q) + c·w·(p_res − q_res) at non-target classes; ∂L/∂S = L_upd's closed form only: eq. 7–8,
+    which print no factor (``sum``: c = 1), times eq. 4–5's c = 1/(K−1) on the residual terms (``mean``)."""
     logits, y = _batch(B, K, seed=K * B)
-    crit = ALRLoss(K)
+    crit = ALRLoss(K, normalisation=normalisation)
+    c = 1 / (K - 1) if normalisation == "mean" else 1
     with torch.no_grad():
         crit.S.normal_(generator=torch.Generator().manual_seed(1))  # a non-uniform residual label
     loss = crit(logits, y)
@@ -49,22 +52,22 @@ def test_gradients_match_eq_7_8(K: int, B: int):
     p_res = _residual(z, y).softmax(1)
     q_res = crit.S.detach().double()[y].softmax(1)
     w = crit.last_terms["w"].double()
-    expected_z = (p - q + w * _place(p_res - q_res, y, K)) / B
+    expected_z = (p - q + c * w * _place(p_res - q_res, y, K)) / B
     torch.testing.assert_close(logits.grad.double(), expected_z, rtol=1e-5, atol=1e-7)
 
-    # L_upd = −Σ p̂_res log q_res trains S only: ∂/∂S[k] = Σ_{i: y_i = k} (q_res_i − p_res_i) / B.
-    expected_s = torch.zeros(K, K - 1, dtype=torch.float64).index_add_(0, y, q_res - p_res) / B
+    # L_upd = −c·Σ p̂_res log q_res trains S only: ∂/∂S[k] = c·Σ_{i: y_i = k} (q_res_i − p_res_i) / B.
+    expected_s = torch.zeros(K, K - 1, dtype=torch.float64).index_add_(0, y, c * (q_res - p_res)) / B
     torch.testing.assert_close(crit.S.grad.double(), expected_s, rtol=1e-5, atol=1e-7)
 
 
 def test_w_equal_one_is_the_paper_L_b():
-    """With acc_train = 0 (every prediction wrong), w = 1 and the gradient is exactly eq. 7–8's L_b."""
+    """With acc_train = 0 (every prediction wrong), w = 1 and the summed form's gradient is exactly eq. 7–8's L_b."""
     K, B = 5, 4
     y = torch.tensor([0, 1, 2, 3])
     logits = torch.full((B, K), -1.0)
     logits[:, 4] = 2.0  # argmax is class 4, never the target
     logits.requires_grad_()
-    crit = ALRLoss(K)
+    crit = ALRLoss(K, normalisation="sum")
     crit(logits, y).backward()
     assert crit.last_terms["w"].item() == 1.0
     z = logits.detach()
@@ -85,8 +88,9 @@ def test_terms_match_their_definitions():
     log_p_res = _residual(z, y).log_softmax(1)
     log_q_res = crit.S.detach()[y].log_softmax(1)
     l_hard = F.cross_entropy(z, y, label_smoothing=0.1)
-    l_res = -(log_q_res.exp() * log_p_res).sum(1).mean()
-    l_upd = -(log_p_res.exp() * log_q_res).sum(1).mean()
+    # eq. 4–5 as printed (the default): 1/(K−1) over the residual classes, so a mean over the B×(K−1) elements
+    l_res = -(log_q_res.exp() * log_p_res).mean()
+    l_upd = -(log_p_res.exp() * log_q_res).mean()
     acc = (z.argmax(1) == y).float().mean()
     t = crit.last_terms
     torch.testing.assert_close(t["L_hard"], l_hard)
@@ -136,10 +140,11 @@ def test_slr_and_baseline_equal_torch_cross_entropy(eps: float):
 
 
 def test_alr_with_frozen_zero_S():
-    """§3.2 "Initialization": S = 0 makes every residual label uniform; L_upd = log(K−1); L_res pushes to uniform."""
+    """§3.2 "Initialization": S = 0 makes every residual label uniform; summed, L_upd = log(K−1); L_res pushes to
+    uniform."""
     K, B = 10, 16
     logits, y = _batch(B, K)
-    crit = ALRLoss(K)
+    crit = ALRLoss(K, normalisation="sum")
     crit.S.requires_grad_(False)
     loss = crit(logits, y)
     loss.backward()
@@ -175,12 +180,14 @@ def test_running_and_batch_accuracy():
     assert per_batch.last_terms["w"].item() == 1.0
 
 
-@pytest.mark.parametrize("switch,hard", [("residual_mean", 1), ("class_mean", 10)])
-def test_mean_normalisations_divide_the_terms(switch: str, hard: int):
-    """residual_mean: the residual terms averaged over the K−1 classes; class_mean: the literal 1/K on L_hard too."""
+@pytest.mark.parametrize("normalisation,hard", [("mean", 1), ("class_mean", 10)])
+def test_mean_normalisations_divide_the_terms(normalisation: str, hard: int):
+    """mean (the default): the residual terms averaged over the K−1 classes, as eq. 4–5 print them; class_mean: the
+    literal 1/K on L_hard too; both against the summed form."""
     K = 10
     logits, y = _batch(8, K)
-    a, b = ALRLoss(K), ALRLoss(K, **{switch: True})
+    a, b = ALRLoss(K, normalisation="sum"), ALRLoss(K, normalisation=normalisation)
+    assert ALRLoss(K).normalisation == "mean"
     a(logits, y), b(logits, y)
     torch.testing.assert_close(b.last_terms["L_hard"], a.last_terms["L_hard"] / hard)
     torch.testing.assert_close(b.last_terms["L_res"], a.last_terms["L_res"] / (K - 1))
@@ -224,17 +231,18 @@ def test_bad_arguments_are_rejected():
         ALRLoss(10, acc_source="epoch")
     with pytest.raises(ValueError, match="label_smoothing"):
         ALRLoss(10, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="normalisation must be one of mean, sum, class_mean; got 'residual_mean'"):
+        ALRLoss(10, normalisation="residual_mean")
 
 
 @pytest.mark.parametrize("K", [2, 10, 100, 1000])
 @pytest.mark.parametrize("B", [1, 33, 128])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("normalisation", ["sum", "residual_mean", "class_mean"])
+@pytest.mark.parametrize("normalisation", ["mean", "sum", "class_mean"])
 def test_fused_path_equals_the_plain_autograd_definition(K: int, B: int, eps: float, normalisation: str):
     """ALRLoss's one-node forward/backward gives the values and gradients of plain autograd on eq. 3–5."""
     logits, y = _batch(B, K, seed=K + B)
-    switches = {normalisation: True} if normalisation != "sum" else {}
-    crit = ALRLoss(K, label_smoothing=eps, **switches)
+    crit = ALRLoss(K, label_smoothing=eps, normalisation=normalisation)
     with torch.no_grad():
         crit.S.normal_(0, 2, generator=torch.Generator().manual_seed(K))
     crit.correct.fill_(3)  # a running accuracy from earlier batches, so w is not a batch quantity
@@ -243,7 +251,7 @@ def test_fused_path_equals_the_plain_autograd_definition(K: int, B: int, eps: fl
     loss.backward()
 
     z, S = logits.detach().clone().requires_grad_(), crit.S.detach().clone().requires_grad_()
-    c = {"sum": (1, 1, 1), "residual_mean": (1, K - 1, K - 1), "class_mean": (K, K - 1, K - 1)}[normalisation]
+    c = {"sum": (1, 1, 1), "mean": (1, K - 1, K - 1), "class_mean": (K, K - 1, K - 1)}[normalisation]
     l_hard, l_res, l_upd = (t / ci for t, ci in zip(alr_terms_reference(z, S, y, eps), c))
     w = crit.last_terms["w"]
     torch.testing.assert_close(w, 1 - (3 + (z.argmax(1) == y).sum()) / (7 + B))
@@ -265,7 +273,7 @@ def test_fused_path_is_stable_when_the_target_probability_rounds_to_one():
     K = 6
     logits = torch.tensor([[60.0, 1.0, 2.0, 0.0, -1.0, 0.5]], requires_grad=True)
     y = torch.tensor([0])
-    crit = ALRLoss(K)
+    crit = ALRLoss(K, normalisation="sum")  # alr_terms_reference is eq. 3–5 without their factors
     crit(logits, y).backward()
     z = logits.detach().clone().requires_grad_()
     S = crit.S.detach().clone().requires_grad_()

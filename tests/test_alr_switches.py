@@ -36,7 +36,7 @@ ABLATIONS = [
     ("s_lr_multiplier=0.1",),
     ("s_lr_multiplier=10",),
     ("s_init=normal",),
-    ("residual_mean=true",),
+    ("normalisation=sum",),
     ("acc_source=batch",),
 ]
 
@@ -75,10 +75,10 @@ DEFAULTS = {
     "s_lr_multiplier": 1.0,
     "s_init": "zeros",
 }
-# The three normalisations, each named explicitly (the summed form is not ALRLoss's default).
+# The three normalisations, each named explicitly on both sides: the live key -> the frozen loss's booleans.
 NORMALISATIONS = {
     "sum": {"residual_mean": False, "class_mean": False},
-    "residual_mean": {"residual_mean": True, "class_mean": False},
+    "mean": {"residual_mean": True, "class_mean": False},
     "class_mean": {"residual_mean": False, "class_mean": True},
 }
 CASES = [(K, e, n, a) for K in (2, 10, 100) for e in (0.0, 0.1) for n in NORMALISATIONS for a in ("running", "batch")]
@@ -106,7 +106,7 @@ def test_the_defaults_give_the_loss_of_before_the_switches_bit_for_bit(case):
     K, eps, norm, acc = case
     before = _three_steps(FrozenALRLoss(K, eps, acc, **NORMALISATIONS[norm]), K)
     for switches in ({}, DEFAULTS):
-        now = _three_steps(ALRLoss(K, eps, acc, **NORMALISATIONS[norm], **switches), K)
+        now = _three_steps(ALRLoss(K, eps, acc, normalisation=norm, **switches), K)
         assert len(now) == len(before)
         for i, (a, b) in enumerate(zip(now, before)):
             assert a.dtype == b.dtype and torch.equal(a, b), f"part {i} differs ({norm}, switches={switches})"
@@ -138,11 +138,11 @@ SWITCHES = [
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 @pytest.mark.parametrize("K", [2, 10, 100])
 @pytest.mark.parametrize("B", [1, 33])
-@pytest.mark.parametrize("eps,normalisation", [(0.0, "sum"), (0.1, "residual_mean")])
+@pytest.mark.parametrize("eps,normalisation", [(0.0, "sum"), (0.1, "mean")])
 def test_each_switch_equals_the_plain_autograd_definition(switches, K, B, eps, normalisation):
     """Values and gradients of the fused path against eq. 3–5 in plain autograd, with w worked out by hand."""
     logits, y = _batch(B, K, seed=K + B)
-    crit = ALRLoss(K, label_smoothing=eps, **({"residual_mean": True} if normalisation != "sum" else {}), **switches)
+    crit = ALRLoss(K, label_smoothing=eps, normalisation=normalisation, **switches)
     crit.setup(_facts(epochs=2, steps=3))  # a ramp over 6 steps: w = step / 5
     with torch.no_grad():
         crit.S.normal_(0, 2, generator=torch.Generator().manual_seed(K))
@@ -158,7 +158,7 @@ def test_each_switch_equals_the_plain_autograd_definition(switches, K, B, eps, n
     S = S0.clone().requires_grad_(crit.s_update == "gradient")
     hits = z.argmax(1) == y
     teach = {"all": None, "misclassified": (~hits).float(), "correct": hits.float()}[crit.teach]
-    scale = K - 1 if normalisation == "residual_mean" else 1
+    scale = K - 1 if normalisation == "mean" else 1
     l_hard, l_res, l_upd = alr_terms_reference(z, S, y, eps, teach=teach)
     l_res, l_upd = l_res / scale, l_upd / scale
     w = {
@@ -253,12 +253,12 @@ def test_running_mean_sets_S_to_the_epoch_mean_of_p_res(teach: str):
 
 
 def test_running_mean_starts_uniform_and_logs_L_upd():
-    """First epoch: S = 0, q_res uniform, so L_upd = log(K − 1) whatever the logits; it trains nothing."""
+    """First epoch: S = 0, q_res uniform, so L_upd = log(K − 1) / (K − 1) whatever the logits; it trains nothing."""
     K = 7
     crit = ALRLoss(K, s_update="running_mean")
     logits, y = _batch(9, K)
     crit(logits, y).backward()
-    torch.testing.assert_close(crit.last_terms["L_upd"], torch.tensor(math.log(K - 1)))
+    torch.testing.assert_close(crit.last_terms["L_upd"], torch.tensor(math.log(K - 1) / (K - 1)))
     assert crit.S.grad is None and logits.grad is not None
 
 
@@ -372,11 +372,10 @@ def test_run_folders_made_before_the_switches_compare_as_their_defaults():
     """A saved config without the new keys equals today's defaults (so it resumes) and differs from a switch."""
     from alr.run_folder import config_differences
 
-    old = {"method": {"name": "alr", "module": {"criterion": {"class_mean": False, "residual_mean": False}}}}
-    now = {
-        "method": {"name": "alr", "module": {"criterion": {"class_mean": False, "residual_mean": False, **DEFAULTS}}}
-    }
-    assert config_differences(old, now) == []
+    target = {"_target_": "alr.ALRLoss"}
+    old = {"method": {"name": "alr", "module": {"criterion": {**target, "class_mean": False, "residual_mean": False}}}}
+    now = {"method": {"name": "alr_sum", "module": {"criterion": {**target, "normalisation": "sum", **DEFAULTS}}}}
+    assert config_differences(old, now) == []  # the summed form, alr_sum since the average became alr's default
     now["method"]["module"]["criterion"]["teach"] = "correct"
     assert config_differences(old, now) == [f"{KEY}.teach ('all' -> 'correct')"]
     cfg = compose("method=alr").method.module.criterion
@@ -385,7 +384,7 @@ def test_run_folders_made_before_the_switches_compare_as_their_defaults():
 
 @pytest.mark.parametrize("method", sorted(p.stem for p in (CONFIGS / "method").glob("alr*.yaml")))
 def test_every_alr_method_config_builds_and_takes_a_step(method: str):
-    """ALR, ALR-S, their averaged forms and the ablation's variants (configs/method/alr_*.yaml)."""
+    """ALR, ALR-S, their summed forms and the ablation's variants (configs/method/alr_*.yaml)."""
     criterion = instantiate(compose(f"method={method}").method.module).criterion
     assert isinstance(criterion, ALRLoss)
     criterion.setup(_facts())
@@ -456,6 +455,6 @@ def test_a_running_mean_run_end_to_end(tmp_path: Path):
     torch.testing.assert_close(S.softmax(1).sum(1), torch.ones(10))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
-    assert metrics[0]["train/L_upd"] == pytest.approx(math.log(9), rel=1e-6)  # epoch 1: q_res uniform
-    assert abs(metrics[1]["train/L_upd"] - math.log(9)) > 1e-3  # epoch 2: q_res is epoch 1's mean p_res
+    assert metrics[0]["train/L_upd"] == pytest.approx(math.log(9) / 9, rel=1e-6)  # epoch 1: q_res uniform
+    assert abs(metrics[1]["train/L_upd"] - math.log(9) / 9) > 1e-4  # epoch 2: q_res is epoch 1's mean p_res
     assert json.loads((run_dir / "result.json").read_text())["status"] == "finished"

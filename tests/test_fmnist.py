@@ -33,7 +33,7 @@ def test_the_smoke_grid_trains_and_reports_from_its_archived_records(tmp_path: P
         multirun=True,
     )
     folders = sorted(p.name for p in (runs / "fmnist").iterdir() if p.is_dir())
-    methods = ("alr", "alr_mean", "alr_s", "alr_s_mean", "baseline", "slr")
+    methods = ("alr", "alr_s", "alr_s_sum", "alr_sum", "baseline", "slr")
     assert folders == [f"fashion_mnist-resnet32-{m}-s{s}" for m in methods for s in (0, 1)]
     run = runs / "fmnist" / "fashion_mnist-resnet32-alr-s0"
     result = json.loads((run / "result.json").read_text())
@@ -53,7 +53,7 @@ def test_the_smoke_grid_trains_and_reports_from_its_archived_records(tmp_path: P
     ]
     table = (tmp_path / "results" / "fmnist.md").read_text()
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r[0].lstrip("| ") for r in rows] == ["Baseline", "SLR", "ALR", "ALR-S", "ALR, averaged", "ALR-S, averaged"]
+    assert [r[0].lstrip("| ") for r in rows] == ["Baseline", "SLR", "ALR", "ALR-S", "ALR (summed)", "ALR-S (summed)"]
     assert all(r[2] == "2" for r in rows)  # seeds
     assert rows[0][7] == rows[1][7] == "" and all(r[7] != "" for r in rows[2:])  # ρ for the ALR methods only
     assert "(p" in rows[2][6] and rows[0][6] == ""  # Welch against the baseline, not the baseline itself

@@ -111,14 +111,14 @@ NOTE = "Δ vs baseline: prose for a reader"
 def rows(cells, alr_s=None):
     for key in cells:
         if key[2] in ("alr", "dml"):
-            yield f"{key[0]}-{key[1]}-alr_mean-s0", cells.kd, alr.__version__, tables
+            yield f"{key[0]}-{key[1]}-alr_sum-s0", cells.kd, alr.__version__, tables
 '''
-    assert named_methods(source, {"baseline", "alr", "alr_s", "alr_mean", "kd", "dml"}) == [
+    assert named_methods(source, {"baseline", "alr", "alr_s", "alr_sum", "kd", "dml"}) == [
         (5, "baseline", "string"),
         (9, "alr_s", "argument"),
         (11, "alr", "string"),
         (11, "dml", "string"),
-        (12, "alr_mean", "string"),
+        (12, "alr_sum", "string"),
         (12, "kd", "attribute"),
     ]
 

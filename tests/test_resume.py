@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_train
 from faults import faulty
@@ -99,17 +101,94 @@ def test_alr_killed_after_epoch_1_then_stopped_mid_epoch_2_then_resumed_is_bit_i
     _assert_bit_identical(straight, run_dir)
 
 
-def test_a_run_folder_made_before_a_key_was_added_compares_as_its_old_value():
-    """residual_mean came after the first ALR runs: their folders (without it) equal residual_mean=false."""
-    from alr.run_folder import config_differences
+def _alr(name: str, label: str | None = None, **criterion) -> dict:
+    """A saved config's method node of ALR (``label``: its saved ``method.label``, absent before labels)."""
+    node = {"_target_": "alr.ALRLoss", "num_classes": 10, **criterion}
+    return {"method": {"name": name, **({"label": label} if label else {}), "module": {"criterion": node}}}
 
-    old = {"method": {"name": "alr", "module": {"criterion": {"class_mean": False}}}}
-    assert (
-        config_differences(
-            old, {"method": {"name": "alr", "module": {"criterion": {"class_mean": False, "residual_mean": False}}}}
-        )
-        == []
+
+def test_alr_runs_saved_with_the_normalisation_booleans_read_as_the_form_they_hold():
+    """class_mean and residual_mean became normalisation when eq. 4–5's average became method=alr's default: an
+    old alr (or alr_s) without either boolean set is the summed form, alr_sum; an old alr_mean is today's alr."""
+    from alr.run_folder import config_differences, upgrade_saved_config
+
+    summed = _alr("alr", class_mean=False)  # before residual_mean and labels: the first ALR runs
+    assert upgrade_saved_config(summed) == _alr("alr_sum", normalisation="sum")
+    assert summed == _alr("alr", class_mean=False)  # the saved dict itself is left alone
+    # A renamed run's saved label was its old config's: dropped, alr_s_sum's config names it now.
+    assert upgrade_saved_config(_alr("alr_s", "ALR-S", residual_mean=False, class_mean=False)) == _alr(
+        "alr_s_sum", normalisation="sum"
     )
-    assert config_differences(
-        old, {"method": {"name": "alr", "module": {"criterion": {"class_mean": False, "residual_mean": True}}}}
-    ) == ["method.module.criterion.residual_mean (False -> True)"]
+    assert upgrade_saved_config(_alr("alr_mean", "ALR, averaged", residual_mean=True, class_mean=False)) == _alr(
+        "alr", normalisation="mean"
+    )
+    assert upgrade_saved_config(_alr("alr_batch_acc", "ALR, batch accuracy", residual_mean=False)) == _alr(
+        "alr_batch_acc", "ALR, batch accuracy (summed)", normalisation="sum"
+    )
+    assert upgrade_saved_config(_alr("alr", "ALR", class_mean=True)) == _alr("alr", "ALR", normalisation="class_mean")
+    today = _alr("alr", "ALR", normalisation="mean")
+    assert upgrade_saved_config(today) == today and upgrade_saved_config({"method": {"name": "baseline"}}) == {
+        "method": {"name": "baseline"}
+    }
+    assert config_differences(summed, _alr("alr_sum", normalisation="sum")) == []
+    assert config_differences(summed, _alr("alr", normalisation="mean")) == [
+        "method.module.criterion.normalisation ('sum' -> 'mean')",
+        "method.name ('alr_sum' -> 'alr')",
+    ]
+
+
+@pytest.fixture(scope="module")
+def summed_alr_before_the_key(tmp_path_factory) -> Path:
+    """A finished one-epoch ALR run folder as the suite wrote it when the summed form was method=alr: a run of
+    today's alr_sum, its saved config put back in the old keys and name (result.json names the method too)."""
+    from alr.trainer import fit
+    from conftest import compose
+
+    run_dir = tmp_path_factory.mktemp("old") / "digits-digits_cnn-alr-s0"
+    fit(compose("method=alr_sum", *FAST, "trainer.epochs=1"), run_dir)
+    torch.use_deterministic_algorithms(False)  # debug=fast turns it on for the whole process
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["run_name"], config["method"]["name"], config["method"]["label"] = run_dir.name, "alr", "ALR"
+    criterion = config["method"]["module"]["criterion"]
+    del criterion["normalisation"]
+    criterion.update(class_mean=False, residual_mean=False)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = json.loads((run_dir / "result.json").read_text())
+    (run_dir / "result.json").write_text(json.dumps({**result, "method": "alr"}))
+    return run_dir
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "stopped"])
+def test_method_alr_refuses_a_folder_holding_the_summed_form_in_one_line(summed_alr_before_the_key, tmp_path, finished):
+    from alr.errors import RunFolderConflict
+    from alr.trainer import fit
+    from conftest import compose
+
+    run_dir = shutil.copytree(summed_alr_before_the_key, tmp_path / summed_alr_before_the_key.name)
+    if not finished:
+        result = json.loads((run_dir / "result.json").read_text())
+        (run_dir / "result.json").write_text(json.dumps({**result, "status": "running"}))
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    try:
+        with pytest.raises(RunFolderConflict) as caught:
+            fit(compose("method=alr", *FAST, "trainer.epochs=1"), run_dir)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert str(caught.value) == (
+        f"{run_dir} holds ALR's summed form (method=alr before eq. 4–5's average became its default): "
+        "rerun it as method=alr_sum, or move it."
+    )
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+
+
+def test_reports_read_an_alr_folder_from_before_the_key_as_the_summed_form(summed_alr_before_the_key):
+    from alr.reporting.grid import method_labels, run_label
+    from alr.reporting.runs import load_run
+    from alr.reporting.tables import collect
+
+    run = load_run(summed_alr_before_the_key)
+    assert run.key == ("digits", "digits_cnn", "alr_sum") and run_label(run) == "ALR (summed)"
+    assert run.config["method"]["module"]["criterion"]["normalisation"] == "sum"
+    assert method_labels(None, [run]) == {"alr_sum": "ALR (summed)"}
+    assert list(collect([run])) == [("digits", "digits_cnn", "alr_sum")]
+    assert "label" not in run.config["method"]  # its saved "ALR" named the old config: alr_sum's config names it

@@ -44,14 +44,15 @@ def test_the_ablation_changes_one_switch_of_alr_per_variant():
     default = OmegaConf.to_container(compose("method=alr").method.module.criterion)
     changed = {}
     for method in grid.methods:
-        if method in ("alr", "alr_s", "alr_s_mean"):
+        if method in ("alr", "alr_s", "alr_s_sum"):
             continue
         criterion = OmegaConf.to_container(compose(f"method={method}").method.module.criterion)
         changed[method] = {k: v for k, v in criterion.items() if default.get(k) != v}
     assert all(len(keys) == 1 or set(keys) == {"weight", "weight_value"} for keys in changed.values()), changed
-    assert changed["alr_mean"] == {"residual_mean": True} and changed["alr_batch_acc"] == {"acc_source": "batch"}
-    assert {"alr_s", "alr_s_mean"} <= set(grid.methods)  # the normalisation for both ALR and ALR-S
-    assert grid.report.reference == "alr"
+    assert changed["alr_sum"] == {"normalisation": "sum"} and changed["alr_batch_acc"] == {"acc_source": "batch"}
+    assert {"alr_s", "alr_s_sum"} <= set(grid.methods)  # the normalisation for both ALR and ALR-S
+    assert grid.report.reference == "alr" and grid.report.verdict == ("alr_sum", "alr")
+    assert default["normalisation"] == "mean"  # every variant but alr_sum, alr_s_sum: eq. 4–5's average
 
 
 def _smoke(experiment: str, tmp_path: Path) -> list:

@@ -91,11 +91,61 @@ def resumable_keys(cfg: DictConfig) -> set[str]:
     return set(RESUMABLE_CHANGES) | {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
+# ALR's normalisation key (docs/deviations.md#alrs-loss). It replaced two booleans, `class_mean` and
+# `residual_mean`, when eq. 4–5's average became the default: until then `method=alr` and `method=alr_s` held
+# the summed form, and `alr_mean`, `alr_s_mean` the averaged one.
+NORMALISATION = "method.module.criterion.normalisation"
+# (name, form) of a run saved before that change -> the method config that holds the form now.
+RENAMED_ALR = {
+    ("alr", "sum"): "alr_sum",
+    ("alr_s", "sum"): "alr_s_sum",
+    ("alr_mean", "mean"): "alr",
+    ("alr_s_mean", "mean"): "alr_s",
+}
+
+
+def _alr_normalisation(saved: dict[str, Any]) -> dict[str, Any]:
+    """An ALR run saved with ``class_mean`` and ``residual_mean`` (or without either: the summed form), in today's
+    ``normalisation`` key and method name. A renamed run's saved label is its old config's, so it is dropped (the
+    config that holds the form now names it); a summed run keeping its name has " (summed)" added to its label."""
+    method = saved.get("method")
+    criterion = (method.get("module") or {}).get("criterion") if isinstance(method, dict) else None
+    if not (isinstance(criterion, dict) and str(criterion.get("_target_", "")).endswith("ALRLoss")):
+        return saved
+    if "normalisation" in criterion:
+        return saved
+    saved = copy.deepcopy(saved)
+    method, criterion = saved["method"], saved["method"]["module"]["criterion"]
+    class_mean, residual_mean = criterion.pop("class_mean", False), criterion.pop("residual_mean", False)
+    form = "class_mean" if class_mean else "mean" if residual_mean else "sum"
+    criterion["normalisation"] = form
+    renamed = RENAMED_ALR.get((method.get("name"), form))
+    if renamed:
+        method["name"] = renamed
+        method.pop("label", None)
+    elif form == "sum" and method.get("label"):
+        method["label"] = f"{method['label']} (summed)"
+    return saved
+
+
+# Each turns a saved config.yaml of an older suite into today's keys and names, in the order they were made; a
+# later one may rely on an earlier one's output.
+SAVED_CONFIG_UPGRADES = (_alr_normalisation,)
+
+
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's saved config (``config.yaml``) in today's keys and method names: what resuming compares
+    (:func:`config_differences`) and what reports read (:func:`alr.reporting.runs.load_run`). Leaves ``saved``
+    as it is; a config already in today's keys comes back unchanged."""
+    for upgrade in SAVED_CONFIG_UPGRADES:
+        saved = upgrade(saved)
+    return saved
+
+
 # Keys added to the configs after runs were made without them, with the value those runs had: a saved config
 # that lacks one (where the current config has it) is compared as if it held that value, so run folders made
 # before the key existed still resume or are skipped as finished.
 ADDED_KEYS = {
-    "method.module.criterion.residual_mean": False,
     "method.module.criterion.teach": "all",
     "method.module.criterion.s_update": "gradient",
     "method.module.criterion.weight": "one_minus_acc",
@@ -107,8 +157,9 @@ ADDED_KEYS = {
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any], resumable: set[str] | None = None) -> list[str]:
-    """``key (saved -> now)`` for every key that differs, except the ``resumable`` ones (and their children)."""
-    a, b = _flatten(saved), _flatten(now)
+    """``key (saved -> now)`` for every key that differs, except the ``resumable`` ones (and their children); the
+    saved config read in today's keys (:func:`upgrade_saved_config`, then :data:`ADDED_KEYS`)."""
+    a, b = _flatten(upgrade_saved_config(saved)), _flatten(now)
     a |= {k: v for k, v in ADDED_KEYS.items() if k not in a and k in b}
     skip = set(RESUMABLE_CHANGES) if resumable is None else resumable
 
@@ -133,6 +184,19 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise RunError(f"cannot write the run folder {run_dir} ({e.strerror or e}). {fix}") from e
 
 
+def _summed_under_its_old_name(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The overrides that resume ``saved``, a summed ALR run saved before the normalisation key, when ``now`` is a
+    run of the same method name in another normalisation (the average ``method=alr`` means now); else None."""
+    upgraded = upgrade_saved_config(saved)
+    was, form = _flatten(saved), _flatten(upgraded).get(NORMALISATION)
+    if form != "sum" or NORMALISATION in was or _flatten(now).get(NORMALISATION, "sum") == "sum":
+        return None
+    if was.get("method.name") != _flatten(now).get("method.name"):
+        return None
+    name = upgraded["method"]["name"]
+    return f"method={name}" if name != was["method.name"] else f"method={name} {NORMALISATION}=sum"
+
+
 def check_same_run(run_dir: Path, plain_cfg: dict[str, Any], resumable: set[str]) -> None:
     """Refuse to resume or skip a run folder that holds a run of another config."""
     saved_path = run_dir / "config.yaml"
@@ -152,6 +216,11 @@ def check_same_run(run_dir: Path, plain_cfg: dict[str, Any], resumable: set[str]
             "that version, or start fresh in another folder (a different experiment_name or hydra.run.dir)."
         )
     diff = config_differences(saved, plain_cfg, resumable)
+    if diff and (how := _summed_under_its_old_name(saved, plain_cfg)):
+        raise RunFolderConflict(
+            f"{run_dir} holds ALR's summed form (method={saved['method']['name']} before eq. 4–5's average became "
+            f"its default): rerun it as {how}, or move it."
+        )
     if diff:
         raise RunFolderConflict(
             f"{run_dir} holds a run of another config: {'; '.join(diff)}. Rerun with the saved values to resume, "

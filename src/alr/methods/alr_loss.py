@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from alr.distributed import World
 
 KEY = "method.module.criterion"  # where the config sets ALRLoss's arguments: errors name the key there
+NORMALISATIONS = ("mean", "sum", "class_mean")
 TEACH = ("all", "misclassified", "correct")
 S_UPDATES = ("gradient", "running_mean")
 WEIGHTS = ("one_minus_acc", "constant", "ramp")
@@ -162,18 +163,20 @@ class ALRLoss(Criterion):
       matrix, eq. 3; ``q_res = softmax(S[y])`` is the residual label.
     * ``z_res`` is each row of the logits with its ground-truth column removed, the other
       columns kept in class order; ``p_res = softmax(z_res)``.
-    * ``L_upd = −Σ p̂_res · log q_res`` (eq. 4): trains ``S`` only (``p̂`` detached).
-    * ``L_res = −Σ q̂_res · log p_res`` (eq. 5): trains the backbone only (``q̂`` detached).
+    * ``L_upd = −1/(K−1)·Σ p̂_res · log q_res`` (eq. 4): trains ``S`` only (``p̂`` detached).
+    * ``L_res = −1/(K−1)·Σ q̂_res · log p_res`` (eq. 5): trains the backbone only (``q̂`` detached).
     * ``L_hard = CE(z, y)``, label-smoothed with ``label_smoothing`` for ALR-S.
 
     Choices where the paper is silent (also in docs/deviations.md):
 
-    * **Normalisation.** Eq. 4–5 write ``1/(K−1)`` in front of ``L_res`` and ``L_upd`` and the CE of
-      §3 ``1/K``, but the gradients of eq. 7–8 carry no such factor. Default: every term a plain cross
-      entropy (sum over classes, mean over the batch), as eq. 8 describes. ``residual_mean=True``
-      averages ``L_res`` and ``L_upd`` over the K−1 residual classes, ``L_hard`` the usual cross entropy:
-      the residual pull is then (K−1)× weaker. ``class_mean=True`` is the literal reading, which also
-      divides ``L_hard`` by K (and so the effective learning rate); it implies ``residual_mean``.
+    * **Normalisation** (``normalisation``). Eq. 4–5 print ``1/(K−1)`` in front of ``L_res`` and ``L_upd``;
+      §3.1 defines every cross entropy with ``1/K``; the gradients of eq. 7–8 print no factor at all.
+      ``mean`` (default): eq. 4–5 as printed, ``L_res`` and ``L_upd`` averaged over the K−1 residual classes
+      (a mean over the ``B×(K−1)`` elements), ``L_hard`` the usual cross entropy (§3.1's ``1/K`` there would
+      divide the effective learning rate by K, which the paper's baselines rule out). ``sum``: every term a
+      plain cross entropy (sum over classes, mean over the batch), the residual pull (K−1)× stronger
+      (``method=alr_sum``). ``class_mean``: the literal ``1/K`` on ``L_hard`` too. Why ``mean`` is the
+      default, and what the summed form does on Fashion-MNIST: docs/deviations.md#alrs-loss.
     * **acc_train** (the weight of §3.2, "approximately" ``1 − acc_train``): the running top-1
       accuracy of this epoch's training batches *including the current one*, from the same logits,
       reset by :meth:`reset_epoch`. ``acc_source="batch"`` uses the current batch alone. The
@@ -185,7 +188,8 @@ class ALRLoss(Criterion):
       trainer gives it weight decay 0 unless configured), as the paper trains it jointly.
 
     Switches for what the paper leaves open (each a key under ``method.module.criterion``; the defaults
-    are the reading above, and give bit for bit the loss the suite computed before the switches existed):
+    are the reading above, and, for each normalisation, give bit for bit the loss the suite computed before
+    the switches existed):
 
     * ``teach`` — which samples teach ``S``: ``all`` (default), ``misclassified`` or ``correct`` (by the
       current logits' argmax, the same one ``acc_train`` counts). Only those rows enter ``L_upd`` and
@@ -232,8 +236,7 @@ class ALRLoss(Criterion):
         num_classes: int,
         label_smoothing: float = 0.0,
         acc_source: str = "running",
-        class_mean: bool = False,
-        residual_mean: bool = False,
+        normalisation: str = "mean",
         teach: str = "all",
         s_update: str = "gradient",
         weight: str = "one_minus_acc",
@@ -246,6 +249,7 @@ class ALRLoss(Criterion):
             raise ValueError(f"ALRLoss needs num_classes >= 2, got {num_classes}")
         self.acc_source = _choice("acc_source", acc_source, ("running", "batch"))
         self.label_smoothing = _number("label_smoothing", label_smoothing, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        self.normalisation = _choice("normalisation", normalisation, NORMALISATIONS)
         self.teach = _choice("teach", teach, TEACH)
         self.s_update = _choice("s_update", s_update, S_UPDATES)
         self.weight = _choice("weight", weight, WEIGHTS)
@@ -265,8 +269,6 @@ class ALRLoss(Criterion):
             )
         self.s_init = _choice("s_init", s_init, S_INITS)
         self.num_classes = num_classes
-        self.class_mean = class_mean
-        self.residual_mean = residual_mean or class_mean
         self.S = nn.Parameter(torch.zeros(num_classes, num_classes - 1), requires_grad=s_update == "gradient")
         self.S.lr_multiplier = self.s_lr_multiplier  # the trainer gives S a parameter group of lr × this
         # Running counts of this epoch's correct predictions; buffers so they land in checkpoints.
@@ -279,6 +281,13 @@ class ALRLoss(Criterion):
             self.register_buffer("res_sums", torch.zeros(num_classes, num_classes - 1, dtype=torch.float64), False)
             self.register_buffer("res_counts", torch.zeros(num_classes, dtype=torch.float64), False)
         self._needs_setup = weight == "ramp" or s_init == "normal"
+
+    def _scale(self) -> tuple[float, float, float, float]:
+        """``(c_hard, c_res, c_upd, c_s)`` of :class:`_ALRFunction` for this normalisation (S's learning-rate
+        multiplier acts through its parameter group, so ``c_s = c_upd``)."""
+        K = self.num_classes
+        residual = 1.0 if self.normalisation == "sum" else 1.0 / (K - 1)
+        return (1.0 / K if self.normalisation == "class_mean" else 1.0, residual, residual, residual)
 
     def setup(self, facts: RunFacts) -> None:
         if self.weight == "ramp":
@@ -370,17 +379,14 @@ class ALRLoss(Criterion):
                 teach = None if self.teach == "all" else (hits if self.teach == "correct" else ~hits).to(z.dtype)
                 if self.s_update == "running_mean":
                     self._accumulate(z, targets, teach)
-            K = self.num_classes
-            residual = 1.0 / (K - 1) if self.residual_mean else 1.0
-            scale = (1.0 / K if self.class_mean else 1.0, residual, residual, residual)
-            loss, terms = _ALRFunction.apply(z, self.S.float(), targets, w, self.label_smoothing, scale, teach)
+            loss, terms = _ALRFunction.apply(z, self.S.float(), targets, w, self.label_smoothing, self._scale(), teach)
         self.last_terms = {"L_hard": terms[0], "L_res": terms[1], "L_upd": terms[2], "w": w}
         return loss
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}, "
-            f"acc_source={self.acc_source!r}, class_mean={self.class_mean}, residual_mean={self.residual_mean}, "
+            f"acc_source={self.acc_source!r}, normalisation={self.normalisation!r}, "
             f"teach={self.teach!r}, s_update={self.s_update!r}, weight={self.weight!r}, "
             f"weight_value={self.weight_value}, s_lr_multiplier={self.s_lr_multiplier}, s_init={self.s_init!r}"
         )

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from alr.run_folder import upgrade_saved_config
+
 
 @dataclass
 class Run:
@@ -48,9 +50,11 @@ class Run:
 
 
 def load_run(path: Path | str) -> Run:
-    """The run in folder ``path`` (it holds the ``config.yaml`` the trainer writes)."""
+    """The run in folder ``path`` (it holds the ``config.yaml`` the trainer writes), its config read in today's keys
+    and method names (:func:`alr.run_folder.upgrade_saved_config`: an ALR run saved when the summed form was
+    ``method=alr``'s default is read as ``alr_sum``)."""
     path = Path(path)
-    config = yaml.safe_load((path / "config.yaml").read_text())
+    config = upgrade_saved_config(yaml.safe_load((path / "config.yaml").read_text()))
     result_path = path / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     return Run(path, config, result)
