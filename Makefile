@@ -64,11 +64,12 @@ bench: $(STAMP) ## speed benchmarks (bench/*.py; 5 to 19 minutes on a 2-core CPU
 # installs nothing; its launcher names any missing package (docs/gpu-check.md).
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-gpu-check: ## on one GPU, in under 8 min: machine, GPU tests, Table 1 end to end, speeds, GPU-hours per table (results/gpu/)
+gpu-check: ## on one GPU, in under 15 min: machine, GPU tests, Table 1 end to end, speeds, GPU-hours per table (results/gpu/)
 	$(GPU_PY) scripts/gpu_check.py $(ARGS)
 
-gpu-wheels: ## save the wheels gpu-check needs beside PyTorch (Hydra, OmegaConf, antlr4) into .whl/, for an offline node
-	$(GPU_PY) -m pip wheel --no-deps --wheel-dir .whl 'hydra-core>=1.3,<1.4' 'omegaconf>=2.3,<2.4' 'antlr4-python3-runtime==4.9.3'
+gpu-wheels: ## save the wheels gpu-check needs beside PyTorch (Hydra, OmegaConf, antlr4, pytest and its own) into .whl/, for an offline node
+	$(GPU_PY) -m pip wheel --no-deps --wheel-dir .whl 'hydra-core>=1.3,<1.4' 'omegaconf>=2.3,<2.4' 'antlr4-python3-runtime==4.9.3' \
+		'pytest>=8' 'pluggy>=1.6,<2' 'iniconfig>=2' 'packaging>=24' 'pygments>=2.15' 'exceptiongroup>=1' 'tomli>=2'
 
 clean: ## remove run folders and caches (keeps .venv and results/)
 	rm -rf $(RUNS) multirun outputs wandb .pytest_cache .ruff_cache

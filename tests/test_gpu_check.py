@@ -1,11 +1,14 @@
-"""`make gpu-check` on the CPU: clear exits, predictions, the report, one measurement; compiled training on CUDA."""
+"""`make gpu-check` on the CPU: clear exits, the verdict, the time budget, predictions, the report, one measurement;
+compiled training on CUDA."""
 
 from __future__ import annotations
 
 import ast
 import copy
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,14 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from alr import gpu_check
 from alr.checkpoint import load_checkpoint
 from alr.data import samples
 from alr.gpu_check import (
     BACKBONES,
     NAMED_CHECKS,
-    REPORT_S,
+    PROMISE_MINUTES,
+    STEP_BUDGET_S,
     Backbone,
     Cell,
+    end_to_end,
+    exit_status,
     gpu_tests,
     plan,
     slug,
@@ -289,6 +296,81 @@ def test_the_gpu_tests_step_gives_each_named_check_a_line(tmp_path: Path):
     assert tests["checks"][0]["result"] == "FAILED: pytest -m gpu did not report test_resume_on_cuda_is_bit_identical"
 
 
+# The named checks, all passing: the stand-in for a healthy GPU node's own gpu tests.
+PASSING_GPU_TESTS = "import pytest\n\npytestmark = pytest.mark.gpu\n" + "".join(
+    f"\n\ndef {test}():\n    pass\n" for test in NAMED_CHECKS
+)
+
+
+def _site(tmp_path: Path, *lines: str) -> Path:
+    """A folder whose ``sitecustomize.py`` runs ``lines`` at the start of every Python given it on PYTHONPATH."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text("\n".join(["import sys", *lines, ""]))
+    return folder
+
+
+def test_without_pytest_the_gpu_tests_fail_the_check_and_the_launcher_names_pytest(tmp_path: Path):
+    """No pytest: none of the named checks can run, so the check fails (it used to pass with 'skipped')."""
+    site = _site(tmp_path, 'sys.modules["pytest"] = None  # as on a node where pytest is not installed')
+    (tmp_path / "test_fake_gpu.py").write_text(PASSING_GPU_TESTS)
+    code = "import json, sys; from pathlib import Path; from alr.gpu_check import gpu_tests; "
+    code += "print(json.dumps(gpu_tests(60, [Path(sys.argv[1])])))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "src")])}
+    cmd = [sys.executable, "-c", code, str(tmp_path / "test_fake_gpu.py")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tests = json.loads(proc.stdout.splitlines()[-1])
+    assert tests["summary"].startswith("FAILED: pytest is not installed (python -m pip install 'pytest>=8'")
+    assert [c["result"][: len("FAILED: not run: pytest")] for c in tests["checks"]] == ["FAILED: not run: pytest"] * 3
+    assert exit_status({"tests": tests, "end_to_end": []}) == 1
+    assert exit_status({"tests": gpu_tests(60, []), "end_to_end": []}) == 1  # no gpu test file to run: the same
+
+    proc = _script({"PYTHONPATH": str(site)})  # make gpu-check stops before the check, naming pytest
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert "the GPU check needs pytest>=8 (import pytest: ModuleNotFoundError" in proc.stderr
+    assert "python -m pip install 'pytest>=8'" in proc.stderr and "antlr4-python3-runtime pytest`" in proc.stderr
+
+
+def test_a_node_without_dali_passes_and_the_report_says_dali_was_not_tested(tmp_path: Path, monkeypatch):
+    """Step 2 on a healthy GPU node without DALI (optional), stood in for on the CPU: the suite's DALI test
+    skips with its reason, which the report gives, and the check passes (it used to fail)."""
+    no_dali = 'sys.modules["nvidia.dali"] = None  # as on a node where DALI is not installed'
+    # conftest then keeps the gpu tests, as on a GPU node: the DALI test must skip before it touches CUDA.
+    seen_gpu = "import torch; torch.cuda.is_available = lambda: True"
+    monkeypatch.setenv("PYTHONPATH", str(_site(tmp_path, no_dali, seen_gpu)))  # pytest's, through the check's env
+    (tmp_path / "test_fake_gpu.py").write_text(PASSING_GPU_TESTS)
+    tests = gpu_tests(180, [tmp_path / "test_fake_gpu.py", ROOT / "tests" / "test_imagenet.py"])
+    reason = "NVIDIA DALI is not installed (optional: pip install -e '.[dali]'): its GPU decoding is not tested"
+    assert tests["summary"].startswith("passed: 3 passed, 0 failed, 1 skipped in "), tests["summary"]
+    dali = "test_dali_mixed_decoding_on_the_gpu_matches_the_cpu_pipeline"
+    assert tests["summary"].endswith(f" s (skipped: `{dali}`: {reason})")
+    assert [why for _, why in tests["skips"]] == [reason] and tests["failures"] == []
+    assert {c["result"] for c in tests["checks"]} == {"passed"}
+    assert exit_status({"tests": tests, "end_to_end": [{"precision": "fp32", "status": "ok"}]}) == 0
+    assert reason in write_report({**_report(), "tests": tests}, tmp_path / "report").read_text()
+
+
+def test_the_step_budgets_add_up_to_the_promise_the_docs_and_make_help_state():
+    assert sum(STEP_BUDGET_S.values()) == 60 * PROMISE_MINUTES
+    docs = (ROOT / "docs" / "gpu-check.md").read_text()
+    make_help = next(line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("gpu-check:"))
+    for where, text in {"docs/gpu-check.md": docs, "make help": make_help, "alr.gpu_check": gpu_check.__doc__}.items():
+        claims = re.findall(r"\b(?:in|within|under|about) (\d+) min", text)
+        assert claims and set(claims) == {str(PROMISE_MINUTES)}, f"{where} promises {claims} minutes"
+    for step, seconds in STEP_BUDGET_S.items():  # the docs' table of the budget
+        assert re.search(rf"^\| \d?\.? ?[^|]*\(`{step}`\) \| {seconds} s \|", docs, re.M), step
+    assert f"| total | {60 * PROMISE_MINUTES} s |" in docs and f"default {60 * PROMISE_MINUTES})" in docs
+
+
+def test_the_end_to_end_step_ends_at_its_budget(tmp_path: Path):
+    """Step 3's budget holds for the step as a whole (the sample files and every run), not per run."""
+    start = time.perf_counter()
+    runs = end_to_end(tmp_path, ["fp32", "bf16", "fp16"], 3, 1)
+    assert time.perf_counter() - start < 1 + 10  # the sample files alone take more (11 s on a 2-core CPU)
+    assert len(runs) == 3 and all("step 3's 1 s budget" in r["status"] for r in runs), runs
+
+
 def test_each_named_check_is_a_gpu_test_of_the_suite():
     defined = {}  # test function -> the source of its module
     for path in (ROOT / "tests").glob("test_*.py"):
@@ -299,7 +381,7 @@ def test_each_named_check_is_a_gpu_test_of_the_suite():
 
 
 def test_the_throughput_gets_what_the_steps_before_it_left_of_the_budget(tmp_path: Path):
-    assert throughput_seconds(450, 160) == 450 - 160 - REPORT_S  # slower GPU tests: fewer throughput cells
+    assert throughput_seconds(450, 160) == 450 - 160 - STEP_BUDGET_S["report"]  # slower tests: fewer cells
     assert throughput_seconds(450, 440) == 0  # nothing left: every cell is listed as skipped
     report = {**_report(), "settings": {"budget_s": 450.0}}
     report["steps_s"] = {"machine": 14.2, "tests": 121.0, "end_to_end": 47.6, "throughput": 254.9}
@@ -337,6 +419,14 @@ def test_make_targets():
     assert "scripts/gpu_check.py --budget 600" in check.stdout
     wheels = subprocess.run(["make", "-n", "gpu-wheels"], cwd=ROOT, capture_output=True, text=True)
     assert "pip wheel --no-deps --wheel-dir .whl 'hydra-core>=1.3,<1.4'" in wheels.stdout
+    # --no-deps: pytest's own requirements must be named one by one (a node may run Python 3.10: all of them).
+    named = {re.split(r"[<>=!~ ;\[]", spec)[0].lower() for spec in re.findall(r"'([^']+)'", wheels.stdout)}
+    needed = {"pytest"} | {
+        re.split(r"[<>=!~ ;\[]", req)[0].lower()
+        for req in importlib.metadata.requires("pytest")
+        if "extra ==" not in req and "sys_platform" not in req
+    }
+    assert needed <= named, f"gpu-wheels lacks {sorted(needed - named)}"
 
 
 @pytest.mark.gpu
