@@ -170,13 +170,13 @@ class ALRLoss(Criterion):
     Choices where the paper is silent (also in docs/deviations.md):
 
     * **Normalisation** (``normalisation``). Eq. 4–5 print ``1/(K−1)`` in front of ``L_res`` and ``L_upd``;
-      §3.1 defines every cross entropy with ``1/K``; the gradients of eq. 7–8 print no factor at all.
-      ``mean`` (default): eq. 4–5 as printed, ``L_res`` and ``L_upd`` averaged over the K−1 residual classes
-      (a mean over the ``B×(K−1)`` elements), ``L_hard`` the usual cross entropy (§3.1's ``1/K`` there would
-      divide the effective learning rate by K, which the paper's baselines rule out). ``sum``: every term a
-      plain cross entropy (sum over classes, mean over the batch), the residual pull (K−1)× stronger
-      (``method=alr_sum``). ``class_mean``: the literal ``1/K`` on ``L_hard`` too. Why ``mean`` is the
-      default, and what the summed form does on Fashion-MNIST: docs/deviations.md#alrs-loss.
+      §3 defines the cross entropy (and so §3.1's ``L_hard``) with ``1/K``; the gradients of eq. 7–8 print no
+      factor at all. ``mean`` (default): eq. 4–5 as printed, ``L_res`` and ``L_upd`` averaged over the K−1
+      residual classes (a mean over the ``B×(K−1)`` elements), ``L_hard`` the usual cross entropy (``1/K``
+      there would divide the effective learning rate by K, which the paper's baselines rule out). ``sum``:
+      every term a plain cross entropy (sum over classes, mean over the batch), the residual pull (K−1)×
+      stronger (``method=alr_sum``). ``class_mean``: the literal ``1/K`` on ``L_hard`` too. Why ``mean`` is
+      the default, and what the summed form does on Fashion-MNIST: docs/deviations.md#alrs-loss.
     * **acc_train** (the weight of §3.2, "approximately" ``1 − acc_train``): the running top-1
       accuracy of this epoch's training batches *including the current one*, from the same logits,
       reset by :meth:`reset_epoch`. ``acc_source="batch"`` uses the current batch alone. The
