@@ -1,4 +1,5 @@
-"""Several processes: a 2-process torchrun (gloo, CPU) run on a tiny ImageNet tree, stopped and resumed."""
+"""Several processes: a 2-process torchrun (gloo, CPU) run on a tiny ImageNet tree, stopped and resumed; a
+process group of one, which trains as each of several processes does."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT
+from ddp_steps import EXCLUDED, METHODS, STEPS, assert_no_host_sync, overrides, read_backs_recorded, train
 from faults import faulty
 from test_imagenet import write_tree
 
@@ -159,3 +162,68 @@ def test_each_rank_resumes_its_own_partial_sums_bit_for_bit(tmp_path: Path):
     one = _EpochTotals(torch.device("cpu"))
     assert one.load_state_dict(shares, World(torch.device("cpu"))) is False  # 2 processes saved, 1 resumes
     assert torch.equal(one.sums, shares[0]["sums"] + shares[1]["sums"]) and one.seen == 40
+
+
+# --- a process group of one: the path several processes take, in one ---------------------------------------
+
+
+@pytest.fixture
+def gloo_group(tmp_path: Path) -> Iterator[None]:
+    """A one-process gloo group in this process, as a caller (a test, a notebook) initialises one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_process_group_of_one_trains_in_ddp_and_reduces_over_the_group(gloo_group, tmp_path: Path, monkeypatch):
+    """Under an initialised group, even of one process, the trainer takes the several-process path: the backbone
+    in DistributedDataParallel, the method's gradients averaged over the group, stop and finiteness flags
+    agreed over it. The data set (digits, read by one process only) is read whole."""
+    from alr.distributed import World
+
+    calls: list[tuple[str, bool]] = []
+    average, any_rank = World.average_gradients, World.any
+
+    def averaged(world: World, params: list) -> None:
+        calls.append(("average_gradients", world.distributed and any(p.grad is not None for p in params)))
+        average(world, params)
+
+    def agreed(world: World, flag: bool) -> bool:
+        calls.append(("any", world.distributed))
+        return any_rank(world, flag)
+
+    monkeypatch.setattr(World, "average_gradients", averaged)
+    monkeypatch.setattr(World, "any", agreed)
+    out = tmp_path / "runs"
+    checked = train(["method=alr", "debug=fast", "trainer.batch_size=32", f"paths.output_dir={out}"], out / "run")
+    assert checked.ddp_forwards == 6  # 2 epochs of 3 steps, each through DDP
+    assert [c for c in calls if c[0] == "average_gradients"] == [("average_gradients", True)] * 6  # ALR's S
+    assert ("any", True) in calls and ("any", False) not in calls
+    assert checked.result["processes"] == 1 and checked.result["identical_on_all_ranks"] is True
+
+
+def test_the_read_back_record_sees_what_makes_a_gpu_wait():
+    """The CPU stand-in's own check, as the ``gpu`` fixture checks CUDA's: each read back is seen, and where."""
+    x = torch.randn(6)
+    mask, rows = x > 0, torch.tensor([0, 2])
+    with read_backs_recorded() as syncs:
+        x.sum().item(), bool(x[0] > 0), x[mask], torch.nonzero(mask), torch.equal(x, x), torch.tensor([1.0])
+    assert len(syncs) == 6 and {s.rsplit(":", 1)[0] for s in syncs} == {__file__}
+    with read_backs_recorded() as syncs:
+        x[rows], torch.where(mask, x, 0.0), x.clone().index_put_((rows,), torch.zeros(2)), torch.cat([x, x])
+    assert syncs == []
+
+
+STEP_CHECKS = [(m, "fp32") for m in METHODS if m not in EXCLUDED] + [("alr", "bf16"), ("alr", "fp16")]
+
+
+@pytest.mark.parametrize(("method", "precision"), STEP_CHECKS, ids=[f"{m}-{p}" for m, p in STEP_CHECKS])
+def test_every_methods_step_in_a_group_of_one_reads_nothing_back(gloo_group, tmp_path: Path, method, precision):
+    """The CPU's stand-in for the ``gpu`` test of each method's step without a host sync (tests/test_gpu.py): the
+    same runs, through DDP in a gloo group of one, the same step checked for the ops that on a GPU make the
+    host wait (under fp16, the GradScaler's read-back alone)."""
+    checked = train(overrides(method, precision, "cpu", tmp_path), tmp_path / "run", read_backs_recorded)
+    assert_no_host_sync(checked, precision)
+    assert checked.ddp_forwards == STEPS and checked.result["identical_on_all_ranks"] is True

@@ -1,29 +1,37 @@
 """The CUDA paths: on-device CIFAR batches, CUDA autocast with a GradScaler, channels_last, a resume after
-SIGTERM, and ALR's training step under a process group without a host sync. Skipped without a GPU."""
+SIGTERM, and every method's training step in DDP without a host sync. Skipped without a GPU."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
 import torch.distributed as dist
-from hydra.utils import get_class
 from torch import Tensor, nn
 
 from alr import ALRLoss
 from alr.checkpoint import load_checkpoint
 from alr.data import cifar, samples
-from alr.methods import Criterion
 from alr.run_folder import read_metrics
-from alr.trainer import fit
-from conftest import compose, run_train
+from conftest import ROOT, run_train
+from ddp_steps import (
+    EXCLUDED,
+    METHODS,
+    PRECISIONS,
+    STEPS,
+    assert_no_host_sync,
+    check_for,
+    host_sync_is_an_error,
+    overrides,
+    train,
+)
 from faults import faulty
 
 pytestmark = pytest.mark.gpu
@@ -125,55 +133,49 @@ def test_resume_on_cuda_is_bit_identical(tmp_path: Path):
     assert [m["epoch"] for m in metrics[1]] == [1, 2] and metrics[0] == metrics[1]
 
 
-# --- no host sync in a training step under a process group ------------------------------------------------
+# --- no host sync in a training step under DDP ----------------------------------------------------------
 
 
-@contextmanager
-def host_sync_is_an_error() -> Iterator[None]:
-    """Inside, a CUDA operation that makes the host wait for the device raises ``RuntimeError``."""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-@pytest.fixture
-def nccl_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
-    """A one-process NCCL group on the first GPU: ALR then takes the branch it takes under DDP (its counts
-    all-reduced), with no second GPU. Also checks that the guard above catches a sync on this machine."""
+@pytest.fixture(scope="module")
+def nccl_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[torch.device]:
+    """A one-process NCCL group on the first GPU, for this module: the trainer joins it and trains as each of
+    several processes does (the backbone in DDP, the method's gradients and ALR's counts all-reduced), with no
+    second GPU. Also checks that the guard catches a sync on this machine."""
     if not dist.is_nccl_available():
         pytest.skip("this torch is built without NCCL")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # the trainer's own set-up must see one process
-        monkeypatch.delenv(key, raising=False)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     with host_sync_is_an_error(), pytest.raises(RuntimeError, match="synchroniz"):
         torch.ones(1, device=device).item()
-    # The trainer's default (trainer.deterministic=false), whatever an earlier test in this process set:
-    # seed_everything turns deterministic algorithms on, never off.
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    store = dist.FileStore(str(tmp_path / "nccl-store"), 1)
+    store = dist.FileStore(str(tmp_path_factory.mktemp("nccl") / "store"), 1)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
     yield device
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def one_process(nccl_group: torch.device, monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
+    """The group, without a launcher's variables (this process is rank 0 of 1, on ``cuda:0``), and without
+    deterministic algorithms, the trainer's default, whatever an earlier test in this process set."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield nccl_group
     torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_alr_step_without_host_sync_under_ddp(nccl_group: torch.device, precision: str):
-    """Forward, backward and an SGD step of ALR's loss on a linear head queue without waiting for the GPU.
-
-    (fp16 is left out: its GradScaler reads the gradients' finiteness on the host by design.)
-    """
+def test_alr_step_without_host_sync_under_ddp(one_process: torch.device, precision: str):
+    """Forward, backward and an SGD step of ALR's loss on a linear head queue without waiting for the GPU,
+    its accuracy counts all-reduced over the group. (The trainer's steps, fp16 included, are checked below.)"""
     torch.manual_seed(0)
     batch, features, classes = 64, 32, 100
-    head, criterion = nn.Linear(features, classes).to(nccl_group), ALRLoss(classes).to(nccl_group)
+    head, criterion = nn.Linear(features, classes).to(one_process), ALRLoss(classes).to(one_process)
     params = [*head.parameters(), *criterion.parameters()]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x = torch.randn(4, batch, features, device=nccl_group)
-    y = torch.randint(0, classes, (4, batch), device=nccl_group)
+    x = torch.randn(4, batch, features, device=one_process)
+    y = torch.randint(0, classes, (4, batch), device=one_process)
 
     def step(i: int) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -191,68 +193,32 @@ def test_alr_step_without_host_sync_under_ddp(nccl_group: torch.device, precisio
     assert int(criterion.seen) == 4 * batch
 
 
-class SyncCheckedStep(Criterion):
-    """A criterion (``inner``, built with ``kwargs``) that makes one whole training step fail on a host sync.
-
-    CUDA's sync check is an error from its call at step ``step`` (0-based) to its next call: in between,
-    the trainer computes the loss, back-propagates, steps the optimizer, adds the step to the epoch's sums,
-    draws and augments the next batch and runs the backbone on it.
-    """
-
-    checked: ClassVar[list[int]] = []  # the steps whose check ran to its end
-
-    def __init__(self, inner: str, step: int, **kwargs) -> None:
-        super().__init__()
-        self.criterion = get_class(inner)(**kwargs)
-        self.at, self.calls = step, 0
-
-    def start_epoch(self, epoch: int) -> None:
-        self.criterion.start_epoch(epoch)
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        if self.calls == self.at:
-            torch.cuda.set_sync_debug_mode("error")
-        elif self.calls == self.at + 1:
-            torch.cuda.set_sync_debug_mode("default")
-            self.checked.append(self.at)
-        self.calls += 1
-        loss = self.criterion(logits, targets)
-        self.last_terms = self.criterion.last_terms
-        return loss
+METHOD_PARAMS = [pytest.param(m, marks=pytest.mark.skip(reason=EXCLUDED[m])) if m in EXCLUDED else m for m in METHODS]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_trainer_step_without_host_sync_under_ddp(nccl_group: torch.device, tmp_path: Path, precision: str):
-    """The trainer's own step (``alr.trainer.fit``, ALR on ``resnet32``) after 3 warm-up steps: no host sync.
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("method", METHOD_PARAMS)
+def test_trainer_step_without_host_sync_under_ddp(one_process: torch.device, tmp_path: Path, method, precision):
+    """Every method's training step through the trainer (``alr.trainer.fit``, in DDP over the group), after 4
+    warm-up steps: from the draw of its batch to the end of its optimizer step and the epoch's running sums, no
+    host sync (fp32, bf16: CUDA's sync debug mode ``error``), or under fp16 only the GradScaler's read-back of the
+    gradients' finiteness (mode ``warn``, each sync's Python line recorded). The runs: tests/ddp_steps.py."""
+    checked = train(overrides(method, precision, "cuda", tmp_path), tmp_path / "run", check_for(precision))
+    assert_no_host_sync(checked, precision)
+    assert checked.ddp_forwards == STEPS and checked.result["identical_on_all_ranks"] is True
 
-    One epoch of 5 steps; ``trainer.log_every`` beyond it, so only the last step checks the loss (a sync by
-    design) and the checked step 3 is not a log step.
-    """
-    SyncCheckedStep.checked.clear()
-    cfg = compose(
-        "dataset=synthetic",
-        "dataset.num_classes=100",
-        "dataset.build.n_train=320",
-        "dataset.build.n_test=64",
-        "dataset.build.eval_batch_size=64",
-        "model=resnet32",
-        "method=alr",
-        f"method.module.criterion._target_={__name__}.SyncCheckedStep",
-        "+method.module.criterion.inner=alr.ALRLoss",
-        "+method.module.criterion.step=3",
-        "trainer.batch_size=64",
-        "trainer.epochs=1",
-        "trainer.log_every=1000",
-        "trainer.device=cuda",
-        f"trainer.precision={precision}",
-        "trainer.deterministic=false",
-        "trainer.progress=false",
-        "logger=none",
-        f"paths.output_dir={tmp_path}",
-    )
-    try:
-        result = fit(cfg, tmp_path / "run")
-    finally:  # a sync inside the checked step leaves the check on: later tests must not inherit it
-        torch.cuda.set_sync_debug_mode("default")
-    assert result["status"] == "finished" and SyncCheckedStep.checked == [3]
-    assert dist.is_initialized()
+
+def test_trainer_steps_without_host_sync_in_two_processes(tmp_path: Path):
+    """The same runs once more in two processes under torchrun (NCCL between two GPUs, each rank its own share of
+    every batch): every method in every precision, both ranks' steps checked (tests/ddp_steps.py's ``main``)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one GPU visible: the two-process check (torchrun --nproc_per_node=2) needs two")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(ROOT / "tests" / "ddp_steps.py"), str(tmp_path)]
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    checked = [line for line in proc.stdout.splitlines() if line.startswith("checked ")]
+    assert checked == [f"checked {m} {p}" for m in METHODS if m not in EXCLUDED for p in PRECISIONS]

@@ -4,7 +4,9 @@ A run started by ``torchrun --nproc_per_node=N -m alr.train ...`` (``RANK``/``WO
 or as the N tasks of a SLURM job step (Hydra's submitit launcher with ``hydra.launcher.tasks_per_node=N``,
 or ``srun -n N``: :func:`setup` derives the same variables from SLURM's own) trains with
 ``DistributedDataParallel``: NCCL on CUDA (process ``i`` on ``cuda:LOCAL_RANK``), gloo on the CPU.
-Without either, :func:`setup` returns a one-process :class:`World` whose reductions do nothing.
+Without either, :func:`setup` returns a one-process :class:`World` whose reductions do nothing. A process group
+the caller initialised is joined whatever its size: one process in a group of one trains as each of several
+does (DDP, reductions), which is how a single GPU checks that path.
 
 What keeps N processes equal to one process with the same global batch:
 
@@ -76,7 +78,9 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Several processes, or one in an initialised process group: the backbone trains in DDP and the
+        reductions run (in a group of one they change nothing, but take the path several processes take)."""
+        return self.size > 1 or initialized()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (one small all-reduce)."""
@@ -163,7 +167,7 @@ class World:
         return len(set(digests)) == 1
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` in ``DistributedDataParallel`` when there are several processes, else itself."""
+        """``model`` in ``DistributedDataParallel`` when :attr:`distributed` (a group of one too), else itself."""
         if not self.distributed:
             return model
         return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -283,8 +287,12 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 def setup(device: str) -> World:
-    """The :class:`World` of this process; initialises the process group once when there are several."""
+    """The :class:`World` of this process; initialises the process group once when there are several, and
+    joins one already initialised (of any size) with its rank and size."""
     _export_slurm_environment()
+    if initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return World(_device(device, local_rank), dist.get_rank(), dist.get_world_size(), local_rank)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World(_device(device, 0))
@@ -295,9 +303,8 @@ def setup(device: str) -> World:
         )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     world = World(_device(device, local_rank), rank, size, local_rank)
-    if not initialized():
-        if world.device.type == "cuda":
-            torch.cuda.set_device(world.device)
-        dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
     return world

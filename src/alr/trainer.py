@@ -265,6 +265,8 @@ def _shard(cfg: DictConfig, world: World) -> dict[str, int]:
         )
     target = get_method(cfg.dataset.build._target_)
     if "world_size" not in inspect.signature(target).parameters:
+        if world.size == 1:  # a process group of one: its process reads the whole data set
+            return {}
         raise RunError(
             f"dataset '{cfg.dataset.name}' is read by one process only. Train it without torchrun or SLURM "
             "tasks_per_node (a multirun with GPUS=0,1,... trains several runs side by side)."
