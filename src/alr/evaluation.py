@@ -1,7 +1,9 @@
 """Scoring a run on its test set: accuracy, the test loss (NLL), calibration (ECE) and the confusion matrix.
 
 Every count is a sum kept on the device and, under several processes, summed over the ranks once at the end,
-so each test image counts once and the metrics are the same on every rank.
+so each test image counts once and the metrics are the same on every rank. The batches run without a host sync
+(every sum has a fixed size: ``index_add_``, never ``bincount``, whose CUDA kernel reads its input's maximum back
+to size its output); the totals are read back once, in :func:`_read_back`.
 """
 
 from __future__ import annotations
@@ -91,17 +93,22 @@ def evaluate(
                 ]
             ).double()
             bins[i] += calibration_bins(logits, y)
-            confusion[i] += torch.bincount(y * K + top[:, 0], minlength=K * K)
+            confusion[i].index_add_(0, y * K + top[:, 0], torch.ones_like(y))
         images += len(y)
+    return _read_back(names or ["net"], sums, bins, confusion, images, K)
+
+
+def _read_back(names: list[str], sums: Tensor, bins: Tensor, confusion: Tensor, images: Tensor, K: int) -> Evaluation:
+    """The device totals of :func:`evaluate`, summed over the ranks and read back: an evaluation's one host sync."""
     n = int(all_reduce_sum(images).item())
-    bins, confusion = all_reduce_sum(bins), all_reduce_sum(confusion).view(-1, K, K).cpu().numpy()
+    bins, confusion = all_reduce_sum(bins).cpu(), all_reduce_sum(confusion).view(-1, K, K).cpu().numpy()
     per = {
         name: {"acc": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "ece": expected_calibration_error(b)}
-        for name, (c1, c5, loss), b in zip(names or ["net"], all_reduce_sum(sums).tolist(), bins)
+        for name, (c1, c5, loss), b in zip(names, all_reduce_sum(sums).tolist(), bins)
     }
     keys = ("acc", "loss", "ece", "acc5") if K > 5 else ("acc", "loss", "ece")
     out = {f"test/{k}": sum(m[k] for m in per.values()) / len(per) for k in keys}
     out["test/images"] = n
     if len(per) > 1:
         out.update({f"test/{name}/{k}": m[k] for name, m in per.items() for k in keys})
-    return Evaluation(out, dict(zip(names or ["net"], confusion)))
+    return Evaluation(out, dict(zip(names, confusion)))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from alr.checkpoint import load_checkpoint
 from alr.data.batches import Batch
 from alr.errors import RunError, TeacherNotFinished
-from alr.methods.supervised import Method, StepOutput, Update
+from alr.methods.supervised import Method, RunFacts, StepOutput, Update
 
 
 def kl_to(log_p_student: Tensor, log_p_target: Tensor) -> Tensor:
@@ -124,13 +124,15 @@ class KnowledgeDistillation(Method):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
+    def setup(self, facts: RunFacts) -> None:
+        # Onto the run's device here, once: .to() on this module does not reach the teacher, and a copy from the
+        # host in the first training step would make that step wait for it.
+        self.teacher.to(facts.device)
+
     def forward(self, model: nn.Module, batch: Batch) -> StepOutput:
         inputs, targets = batch.inputs, batch.targets
-        teacher = self.teacher
-        if next(teacher.parameters()).device != inputs.device:  # .to() on this module does not reach it
-            teacher.to(inputs.device)
         with torch.no_grad():
-            teacher_logits = teacher(inputs)
+            teacher_logits = self.teacher(inputs)
         logits = model(inputs)
         loss, terms = kd_loss(logits, teacher_logits, targets, self.alpha, self.temperature)
         return StepOutput(loss, logits, terms)
