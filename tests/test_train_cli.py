@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_train
 
@@ -72,3 +73,25 @@ def test_bad_config_exits_with_a_message_naming_the_key(tmp_path, override: str,
     assert override.split("=")[1] in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("last.pt"))
+
+
+@pytest.mark.parametrize(("setting", "cpu", "cuda"), [("cuda", False, True), (True, True, True), (False, False, False)])
+def test_channels_last_on_cuda_only_by_default_and_on_every_device_when_true(setting, cpu: bool, cuda: bool):
+    from alr.errors import RunError
+    from alr.trainer import channels_last_on
+
+    assert channels_last_on(setting, torch.device("cpu")) is cpu
+    assert channels_last_on(setting, torch.device("cuda", 1)) is cuda
+    with pytest.raises(RunError, match="trainer.channels_last must be cuda, true or false; got 'cpu'"):
+        channels_last_on("cpu", torch.device("cpu"))
+
+
+def test_a_cpu_run_with_channels_last_trains_its_backbone_in_that_format(tmp_path):
+    from alr.distributed import World
+    from alr.trainer import Parts
+    from conftest import compose
+
+    cfg = compose("debug=fast", "trainer.channels_last=true", f"paths.output_dir={tmp_path}")
+    parts = Parts(cfg, World(torch.device("cpu")))
+    conv = next(m for m in parts.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert parts.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -353,7 +353,7 @@ def table_recipes(experiment: str, overrides: Sequence[str] = ()) -> list[RunRec
                 num_train=d.get("num_train"),
                 num_test=d.get("num_test"),
                 precision=str(t.precision),
-                channels_last=bool(t.channels_last),
+                channels_last=t.channels_last in ("cuda", True),  # on a GPU: trainer.channels_last_on
                 compile=bool(t.compile),
                 cost=Cost.from_config(cfg.method.cost),
             )
