@@ -10,7 +10,7 @@ NPROC  ?=
 ARGS   ?=
 comma  := ,
 
-.PHONY: help install demo plots results wandb-sync test test-slurm lint format bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-zoo reproduce-ablation reproduce-fmnist figure3 gpu-check gpu-wheels
+.PHONY: help install demo plots results wandb-sync test test-slurm lint format bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-zoo reproduce-ablation reproduce-fmnist reproduce-fmnist-resnet32 figure3 gpu-check gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -167,21 +167,22 @@ endif
 
 # Fashion-MNIST reads the four IDX files from FMNIST_DATA: Debian's dataset-fashion-mnist package installs them in
 # /usr/share/datasets/fashion-mnist. No fallback: a missing folder stops here with what to do. Its run records,
-# table and figures are committed (results/fmnist*), so the table regenerates without the runs. SMOKE=1 trains
-# on 100 of the 200 training images the sample files hold (the recipe's subset is 8,000).
+# tables and figures are committed (results/fmnist*), so the tables regenerate without the runs. SMOKE=1 trains
+# on 100 of the 200 training images the sample files hold. $(call fmnist,EXPERIMENT): its grid, then its report.
 FMNIST_DATA ?= /usr/share/datasets/fashion-mnist
-reproduce-fmnist: $(STAMP) ## Fashion-MNIST on the CPU: 18 runs of about 3.5 min on 2 cores, then results/fmnist.md and results/fmnist/ (FMNIST_DATA=, SMOKE=1)
-ifeq ($(SMOKE),1)
-	$(PY) -m alr.data.samples --out $(RUNS)/smoke/data fashion_mnist
-	$(call sweep,fmnist,dataset.train_subset=100)
-else
-	@test -d "$(FMNIST_DATA)" || { echo "error: no Fashion-MNIST folder at $(FMNIST_DATA). Install Debian's package (apt-get install dataset-fashion-mnist), or set FMNIST_DATA=<a folder holding the four IDX files>; to download them, mkdir that folder and add ARGS=dataset.download=true." >&2; exit 1; }
-	$(call sweep,fmnist,dataset.data_dir=$(FMNIST_DATA))
-endif
-	$(PY) -m alr.report fmnist --runs $(GRID_RUNS)/fmnist --out $(GRID_OUT)
-ifneq ($(SMOKE),1)
-	$(PY) scripts/sync_readme.py
-endif
+define fmnist
+$(if $(filter 1,$(SMOKE)),$(PY) -m alr.data.samples --out $(RUNS)/smoke/data fashion_mnist
+	$(call sweep,$(1),dataset.train_subset=100),@test -d "$(FMNIST_DATA)" || { echo "error: no Fashion-MNIST folder at $(FMNIST_DATA). Install Debian's package (apt-get install dataset-fashion-mnist), or set FMNIST_DATA=<a folder holding the four IDX files>; to download them, mkdir that folder and add ARGS=dataset.download=true." >&2; exit 1; }
+	$(call sweep,$(1),dataset.data_dir=$(FMNIST_DATA)))
+	$(PY) -m alr.report $(1) --runs $(GRID_RUNS)/$(1) --out $(GRID_OUT)
+$(if $(filter 1,$(SMOKE)),,$(PY) scripts/sync_readme.py)
+endef
+
+reproduce-fmnist: $(STAMP) ## Fashion-MNIST benchmark on the CPU: 12 methods x 3 seeds, about 4 min a run on 2 cores, then results/fmnist.md (FMNIST_DATA=, SMOKE=1)
+	$(call fmnist,fmnist)
+
+reproduce-fmnist-resnet32: $(STAMP) ## Fashion-MNIST's first recipe: ResNet-32 on 8,000 images, 18 runs of about 3.5 min, then results/fmnist_resnet32.md (FMNIST_DATA=, SMOKE=1)
+	$(call fmnist,fmnist_resnet32)
 
 FIG3_RUN    ?= $(GRID_RUNS)/table1/cifar10-preact_resnet18-alr-s0
 FIG3_EPOCHS ?=

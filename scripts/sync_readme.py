@@ -22,6 +22,7 @@ SOURCES = {
     "table3": "results/table3.md",
     "table4": "results/table4.md",
     "fmnist": "results/fmnist.md",
+    "fmnist_resnet32": "results/fmnist_resnet32.md",
     "bench": "results/bench.md",
 }
 MARKER = re.compile(r"<!-- begin:([\w-]+) -->\n.*?<!-- end:\1 -->", re.S)

@@ -1,5 +1,6 @@
-"""Fashion-MNIST on a CPU (experiment=fmnist): the smoke grid end to end, its table from run folders, the
-rank correlation of residual labels with confusions, and the make target."""
+"""Fashion-MNIST on a CPU (experiment=fmnist, the benchmark; fmnist_resnet32, the first recipe): the smoke grid
+end to end, its table from run folders, the rank correlation of residual labels with confusions, the make targets,
+and each committed table from its committed records."""
 
 from __future__ import annotations
 
@@ -33,9 +34,22 @@ def test_the_smoke_grid_trains_and_reports_from_its_archived_records(tmp_path: P
         multirun=True,
     )
     folders = sorted(p.name for p in (runs / "fmnist").iterdir() if p.is_dir())
-    methods = ("alr", "alr_s", "alr_s_sum", "alr_sum", "baseline", "slr")
-    assert folders == [f"fashion_mnist-resnet32-{m}-s{s}" for m in methods for s in (0, 1)]
-    run = runs / "fmnist" / "fashion_mnist-resnet32-alr-s0"
+    methods = (
+        "baseline",
+        "slr",
+        "alr",
+        "alr_s",
+        "alr_sum",
+        "alr_s_sum",
+        "ols",
+        "lspp",
+        "cp",
+        "tfkd",
+        "pskd",
+        "disturblabel",
+    )
+    assert folders == sorted(f"fashion_mnist-resnet8-{m}-s{s}" for m in methods for s in (0, 1))
+    run = runs / "fmnist" / "fashion_mnist-resnet8-alr-s0"
     result = json.loads((run / "result.json").read_text())
     assert result["data"]["train_images"] and np.load(run / "test_confusion.npy").shape == (10, 10)
     assert json.loads((run / "classes.json").read_text())[0] == "T-shirt/top"
@@ -52,13 +66,20 @@ def test_the_smoke_grid_trains_and_reports_from_its_archived_records(tmp_path: P
         "test_confusion.npy",
     ]
     table = (tmp_path / "results" / "fmnist.md").read_text()
-    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r[0].lstrip("| ") for r in rows] == ["Baseline", "SLR", "ALR", "ALR-S", "ALR (summed)", "ALR-S (summed)"]
-    assert all(r[2] == "2" for r in rows)  # seeds
-    assert rows[0][7] == rows[1][7] == "" and all(r[7] != "" for r in rows[2:])  # ρ for the ALR methods only
-    assert "(p" in rows[2][6] and rows[0][6] == ""  # Welch against the baseline, not the baseline itself
-    assert "12 run records in `results/fmnist/runs/` (12 finished)" in table
-    assert {p.name for p in written} >= {"fmnist.md", "fmnist.csv", "curves.png", "residual_labels.png"}
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    header, rows = lines[0].split(" | "), [line.split(" | ") for line in lines[1:]]
+    col = {name.strip("| "): i for i, name in enumerate(header)}
+    labels = ["Baseline", "SLR", "ALR", "ALR-S", "ALR (summed)", "ALR-S (summed)", "OLS", "LS++", "CP", "TF-KD"]
+    assert [r[0].lstrip("| ") for r in rows] == [*labels, "PS-KD", "DisturbLabel"]
+    assert all(r[col["Seeds"]] == "2" for r in rows)
+    rho = col["ρ(residual labels, confusions)"]
+    assert [r[0].lstrip("| ") for r in rows if r[rho]] == ["ALR", "ALR-S", "ALR (summed)", "ALR-S (summed)"]
+    welch, holm = col["Δ vs baseline (Welch p)"], col["Holm p"]
+    assert rows[0][welch] == rows[0][holm] == "" and all("(p" in r[welch] for r in rows[1:])
+    claimed = sum("(p=" in r[welch] or "(p<" in r[welch] for r in rows)
+    assert sum(r[holm].startswith("p") for r in rows) == claimed  # a Holm p for each Welch p, none for "p n/a"
+    assert "24 run records in `results/fmnist/runs/` (24 finished)" in table
+    assert {p.name for p in written} >= {"fmnist.md", "fmnist.csv", "accuracy_ece.png", "curves.png"}
 
     # From the records alone (the run folders gone), the same bytes.
     copy = tmp_path / "again" / "fmnist" / "runs"
@@ -96,15 +117,18 @@ def test_rank_correlation_of_residual_labels_with_the_baselines_row_normalised_c
     assert [r.path.name for r in archive(load_runs(tmp_path), tmp_path / "kept")] == ["a", "b", "c", "r"]
 
 
-def test_make_reproduce_fmnist_passes_the_data_folder_and_stops_without_it():
+@pytest.mark.parametrize("experiment", ["fmnist", "fmnist_resnet32"])
+def test_make_reproduce_fmnist_passes_the_data_folder_and_stops_without_it(experiment: str):
+    target = "reproduce-" + experiment.replace("_", "-")
+
     def dry(*args: str) -> list[str]:
-        proc = subprocess.run(["make", "-n", "reproduce-fmnist", *args], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(["make", "-n", target, *args], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         return [" ".join(line.split()) for line in proc.stdout.splitlines() if "alr." in line or "test -d" in line]
 
     plain = dry("FMNIST_DATA=/srv/fmnist")
-    assert "-m alr.train -m experiment=fmnist paths.output_dir=runs dataset.data_dir=/srv/fmnist" in plain[1]
-    assert "-m alr.report fmnist --runs runs/fmnist --out results" in plain[2]
+    assert f"-m alr.train -m experiment={experiment} paths.output_dir=runs dataset.data_dir=/srv/fmnist" in plain[1]
+    assert f"-m alr.report {experiment} --runs runs/{experiment} --out results" in plain[2]
     guard = subprocess.run(["bash", "-c", plain[0]], capture_output=True, text=True)
     assert guard.returncode == 1 and "error: no Fashion-MNIST folder at /srv/fmnist" in guard.stderr
     smoke = dry("SMOKE=1")
@@ -113,16 +137,21 @@ def test_make_reproduce_fmnist_passes_the_data_folder_and_stops_without_it():
     assert "dataset.train_subset=100" in smoke[1]
 
 
-def test_the_committed_table_regenerates_from_the_committed_records_byte_for_byte(tmp_path: Path):
-    """results/fmnist.md comes from real runs of the whole grid: every cell × every seed, each finished."""
+@pytest.mark.parametrize("experiment", ["fmnist", "fmnist_resnet32"])
+def test_the_committed_table_regenerates_from_the_committed_records_byte_for_byte(tmp_path: Path, experiment: str):
+    """results/<experiment>.md comes from real runs of the grid: cells × seeds of its sweep, each finished and
+    unshortened (ResNet-32's whole grid; the benchmark's as far as its sweep has gone, each run whole)."""
     from alr.reporting.fmnist import fmnist_table
     from alr.reporting.grid import expected_grid
 
-    records = load_runs(ROOT / "results" / "fmnist" / "runs")
-    grid = expected_grid("fmnist")
-    assert sorted((r.key, r.seed) for r in records) == sorted((c, s) for c in grid.cells for s in grid.seeds)
+    records = load_runs(ROOT / "results" / experiment / "runs")
+    grid = expected_grid(experiment)
+    expected = sorted((c, s) for c in grid.cells for s in grid.seeds)
+    found = sorted((r.key, r.seed) for r in records)
+    assert found == expected if experiment == "fmnist_resnet32" else set(found) <= set(expected)
     assert all(r.status == "finished" and not r.config["trainer"]["limit_train_batches"] for r in records)
+    assert all(r.config["experiment_name"] == experiment for r in records)  # the ResNet-32 ones read as upgraded
     assert all(r.result["epochs"] == grid.epochs == len(r.metrics()) for r in records)
-    fmnist_table(records, tmp_path / "fmnist.md")
-    assert (tmp_path / "fmnist.md").read_text() == (ROOT / "results" / "fmnist.md").read_text()
-    assert (tmp_path / "fmnist.csv").read_text() == (ROOT / "results" / "fmnist.csv").read_text()
+    fmnist_table(records, tmp_path / "table.md", grid=grid, experiment=experiment)
+    assert (tmp_path / "table.md").read_text() == (ROOT / "results" / f"{experiment}.md").read_text()
+    assert (tmp_path / "table.csv").read_text() == (ROOT / "results" / f"{experiment}.csv").read_text()

@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from alr.reporting.grid import Comparisons
-from alr.reporting.stats import Cell, welch
+from alr.reporting.stats import Cell, holm, welch
 from alr.reporting.tables import significance
 
 # As configs/experiment/table1.yaml's report key declares it: ALR and ALR-S against the baseline.
@@ -95,3 +95,12 @@ def test_failed_or_missing_cells_give_n_a_and_only_the_declared_methods_are_comp
     assert (
         significance(cells, "d", "m", "baseline", everyone) == significance(cells, "d", "m", "slr", Comparisons()) == ""
     )
+
+
+def test_holm_adjustment_by_hand_with_untested_entries_kept():
+    """Sorted 0.005, 0.01, 0.03, 0.04 of m = 4: ×4, ×3, ×2, ×1, each at least the one before, at most 1."""
+    adjusted = holm([0.01, None, 0.04, 0.03, 0.005])
+    assert adjusted[1] is None
+    assert adjusted[0] == pytest.approx(0.03) and adjusted[4] == pytest.approx(0.02)
+    assert adjusted[2] == pytest.approx(0.06) and adjusted[3] == pytest.approx(0.06)  # 0.04 lifted to 0.06
+    assert holm([0.5, 0.6]) == [1.0, 1.0] and holm([]) == [] and holm([None]) == [None]

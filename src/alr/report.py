@@ -76,13 +76,17 @@ def _epochs(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def fmnist(runs_dir: Path, out_dir: Path) -> None:
-    """Fashion-MNIST: the finished runs archived under ``out_dir/fmnist/runs/``, then the table and figures."""
+# Fashion-MNIST's experiments (configs/experiment/<name>.yaml) and the make target that trains each.
+FMNIST = {"fmnist": "make reproduce-fmnist", "fmnist_resnet32": "make reproduce-fmnist-resnet32"}
+
+
+def fmnist(experiment: str, runs_dir: Path, out_dir: Path) -> None:
+    """Fashion-MNIST: the finished runs archived under ``out_dir/<experiment>/runs/``, then the table and figures."""
     try:
-        written = fmnist_report(runs_dir, out_dir)
+        written = fmnist_report(runs_dir, out_dir, experiment)
     except FileNotFoundError as e:
-        sys.exit(f"error: {e}; train them with make reproduce-fmnist")
-    print((out_dir / "fmnist.md").read_text())
+        sys.exit(f"error: {e}; train them with {FMNIST[experiment]}")
+    print((out_dir / f"{experiment}.md").read_text())
     print("wrote " + ", ".join(map(str, written)))
 
 
@@ -91,7 +95,7 @@ def fmnist(runs_dir: Path, out_dir: Path) -> None:
 REPORTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "demo": (demo, "demo"),
     **{name: (partial(table_report, name), "") for name in TABLES},
-    "fmnist": (fmnist, ""),
+    **{name: (partial(fmnist, name), "") for name in FMNIST},
 }
 
 
@@ -139,9 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name, help=f"{help_text}: {name}.md and {name}.csv")
         p.add_argument("--runs", type=Path, default=Path(f"runs/{name}"))
         p.add_argument("--out", type=Path, default=Path("results"))
-    p = sub.add_parser("fmnist", help="Fashion-MNIST on a CPU: run records, fmnist.md and .csv, curves, heatmap")
-    p.add_argument("--runs", type=Path, default=Path("runs/fmnist"))
-    p.add_argument("--out", type=Path, default=Path("results"))
+    for name in FMNIST:
+        p = sub.add_parser(name, help=f"Fashion-MNIST on a CPU: run records, {name}.md and .csv, figures")
+        p.add_argument("--runs", type=Path, default=Path(f"runs/{name}"))
+        p.add_argument("--out", type=Path, default=Path("results"))
     p = sub.add_parser("figure3", help="Figure 3: one ALR run's residual labels at several epochs")
     p.add_argument("--run", type=Path, default=Path("runs/table1/cifar10-preact_resnet18-alr-s0"))
     p.add_argument("--epochs", type=_epochs, default=None, help="e.g. 1,60,160,300 (default: spread over the run)")
@@ -159,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.runs, args.out)
     elif args.what in TABLES:
         table_report(args.what, args.runs, args.out, command)
-    elif args.what == "fmnist":
-        fmnist(args.runs, args.out)
+    elif args.what in FMNIST:
+        fmnist(args.what, args.runs, args.out)
     elif args.what == "figure3":
         figure3(args.run, args.epochs, args.panels, args.out)
     elif args.what == "plots":

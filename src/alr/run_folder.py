@@ -128,9 +128,17 @@ def _alr_normalisation(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
+def _fmnist_resnet32(saved: dict[str, Any]) -> dict[str, Any]:
+    """A Fashion-MNIST run of ResNet-32 saved as ``experiment_name: fmnist`` (that experiment's recipe before the
+    CPU benchmark took its name) belongs to ``fmnist_resnet32``, where that recipe lives on unchanged."""
+    if saved.get("experiment_name") == "fmnist" and saved.get("model_name") == "resnet32":
+        return {**saved, "experiment_name": "fmnist_resnet32"}
+    return saved
+
+
 # Each turns a saved config.yaml of an older suite into today's keys and names, in the order they were made; a
 # later one may rely on an earlier one's output.
-SAVED_CONFIG_UPGRADES = (_alr_normalisation,)
+SAVED_CONFIG_UPGRADES = (_alr_normalisation, _fmnist_resnet32)
 
 
 def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:

@@ -39,8 +39,10 @@ class Comparisons:
     verdict: tuple[str, str] | None = None  # the status page: (method, reference), cell by cell
     heatmap: Mapping[str, Any] = field(default_factory=dict)  # the run whose residual labels the figure draws
     networks: Mapping[str, int] = field(default_factory=dict)  # method -> networks it is scored by, before runs say
+    curves: tuple[str, ...] | None = None  # the methods a focused learning-curve figure draws; None: every one
+    page: str | None = None  # the docs page that says what the table tests and what it does not
 
-    KEYS = ("reference", "compared", "versus", "verdict", "heatmap", "networks")
+    KEYS = ("reference", "compared", "versus", "verdict", "heatmap", "networks", "curves", "page")
 
     def compares(self, method: str) -> bool:
         """Whether ``method``'s rows get the Δ-vs-reference column."""
@@ -63,7 +65,7 @@ class Comparisons:
         heatmap = spec.get("heatmap") or {}
         if heatmap and (not isinstance(heatmap, dict) or set(heatmap) - set(HEATMAP_KEYS) or "method" not in heatmap):
             raise ValueError(f"{where}.heatmap names a method and optionally {', '.join(HEATMAP_KEYS)}: {heatmap!r}")
-        compared = spec.get("compared")
+        compared, curves = spec.get("compared"), spec.get("curves")
         return cls(
             reference=spec.get("reference"),
             compared=None if compared is None else tuple(compared),
@@ -71,6 +73,8 @@ class Comparisons:
             verdict=None if verdict is None else (verdict["method"], verdict["reference"]),
             heatmap=heatmap,
             networks={str(k): int(v) for k, v in (spec.get("networks") or {}).items()},
+            curves=None if curves is None else tuple(curves),
+            page=spec.get("page"),
         )
 
 

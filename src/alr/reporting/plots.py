@@ -131,3 +131,42 @@ def write_plots(runs: list[Run], out_dir: Path, grids: Mapping[str, Grid] | None
                 out = folder / f"{dataset}-{model}-{method}-s{run.seed}-residual_labels.png"
                 written.append(residual_label_panels(run, None, out))
     return written
+
+
+def accuracy_against_ece(
+    runs: list[Run], out: Path, title: str, order: list[str], labels: Mapping[str, str], reference: str | None = None
+) -> Path:
+    """Each method's last-epoch test accuracy against its test ECE: the mean over seeds as a point, one sample
+    std as error bars on both axes, the ``reference`` method's mean accuracy as a dotted line."""
+    by_method: dict[str, list[Run]] = defaultdict(list)
+    for run in (r for r in runs if r.status == "finished"):
+        by_method[run.key[2]].append(run)
+    drawn = [m for m in order if m in by_method]
+    fig, ax = plt.subplots(figsize=(8, 6), constrained_layout=True)
+    for method in drawn:
+        acc = np.array([r.result["final_test_acc"] for r in by_method[method]])
+        ece = np.array([r.result["final_test_ece"] for r in by_method[method]])
+        spread = len(acc) > 1
+        color, _ = style(method, order)
+        ax.errorbar(
+            ece.mean(),
+            acc.mean(),
+            xerr=ece.std(ddof=1) if spread else None,
+            yerr=acc.std(ddof=1) if spread else None,
+            fmt="o",
+            color=color,
+            capsize=3,
+            label=f"{labels[method]} ({len(acc)} seeds)",
+        )
+        ax.annotate(labels[method], (ece.mean(), acc.mean()), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    if reference in by_method:
+        ax.axhline(np.mean([r.result["final_test_acc"] for r in by_method[reference]]), color="grey", ls=":", lw=1)
+    ax.set_xlabel("test ECE (%), 15 bins: lower is better calibrated")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: mean ± sample std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -34,6 +34,11 @@ class Cell:
         return 0.0 if np.ptp(self.values) == 0 else float(np.std(self.values, ddof=1))
 
 
+def format_p(p: float) -> str:
+    """``p=0.123``, or ``p<0.001``."""
+    return f"p={p:.3f}" if p >= 0.001 else "p<0.001"
+
+
 @dataclass
 class Comparison:
     diff: float
@@ -43,8 +48,7 @@ class Comparison:
         if self.p_value is None:
             return f"{self.diff:+.2f} (p n/a)"
         mark = " *" if self.p_value < alpha else ""
-        p = f"p={self.p_value:.3f}" if self.p_value >= 0.001 else "p<0.001"
-        return f"{self.diff:+.2f} ({p}){mark}"
+        return f"{self.diff:+.2f} ({format_p(self.p_value)}){mark}"
 
 
 def welch(a: Cell, b: Cell) -> Comparison | None:
@@ -60,3 +64,18 @@ def welch(a: Cell, b: Cell) -> Comparison | None:
         return Comparison(diff, None)
     test = stats.ttest_ind_from_stats(a.mean, a.std, a.n, b.mean, b.std, b.n, equal_var=False)
     return Comparison(diff, float(test.pvalue))
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of ``p_values`` for the family of the tests that have one (None stays None).
+
+    With the m p-values sorted, ``p_(1) ≤ … ≤ p_(m)``, the i-th adjusted value is
+    ``max_{j ≤ i} min(1, (m − j + 1)·p_(j))``: rejecting where it is below α keeps the probability of any false
+    rejection in the family at most α, whatever the tests' dependence (Holm 1979).
+    """
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m, adjusted, running = len(tested), list(p_values), 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted

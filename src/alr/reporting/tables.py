@@ -179,6 +179,7 @@ DATASET_LABELS = {
 MODEL_LABELS = {
     "preact_resnet18": "PreAct ResNet-18",
     "wrn28_10": "WRN-28-10",
+    "resnet8": "ResNet-8",
     "resnet32": "ResNet-32",
     "resnet50": "ResNet-50",
     "resnet101": "ResNet-101",
