@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import bench_cifar_pipeline
+import bench_fmnist
 import bench_gpu
 import bench_imagenet_input
 import bench_loss
@@ -46,6 +47,7 @@ BENCHES = [
         [],
     ),
     ("7. Text (Table 3): loader rows/s and training samples/s per model", "bench_text.py", bench_text.main, []),
+    ("8. Fashion-MNIST's CPU recipe: backbone, memory format, batch", "bench_fmnist.py", bench_fmnist.main, []),
 ]
 # Benches that time data loading by wall clock and pick their own devices: no --device/--threads/--clock.
 OWN_CLOCK = ("bench_cifar_pipeline.py", "bench_imagenet_input.py")
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             f"```text\n{out.getvalue().rstrip()}\n```\n"
         )
 
+    own_threads = "; section 8 on torch's own threads, as the recipe it times trains" if args.threads < 0 else ""
     header = [
         "# Speed benchmarks",
         "",
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         f"| CPU | {info['cpu']} ({info['cores']}) |",
         f"| torch | {info['torch']} |",
         f"| device | {info['device']} |",
-        f"| CPU benches | {benchutil.describe(torch.device('cpu')).split(', ', 1)[1]} (bench/benchutil.py says why) |",
+        f"| CPU benches | {benchutil.describe(torch.device('cpu')).split(', ', 1)[1]} (bench/benchutil.py says why)"
+        f"{own_threads} |",
         f"| mode | {'quick (smoke test, not figures)' if args.quick else 'full'} |",
         "",
     ]
