@@ -169,10 +169,13 @@ endif
 # /usr/share/datasets/fashion-mnist. No fallback: a missing folder stops here with what to do. Its run records,
 # tables and figures are committed (results/fmnist*), so the tables regenerate without the runs. SMOKE=1 trains
 # on 100 of the 200 training images the sample files hold. $(call fmnist,EXPERIMENT): its grid, then its report.
+# A committed record whose run folder is missing (a fresh checkout) is copied back first, so the sweep skips the
+# runs it holds: the grid goes on across checkouts and machines from what was committed.
 FMNIST_DATA ?= /usr/share/datasets/fashion-mnist
 define fmnist
 $(if $(filter 1,$(SMOKE)),$(PY) -m alr.data.samples --out $(RUNS)/smoke/data fashion_mnist
 	$(call sweep,$(1),dataset.train_subset=100),@test -d "$(FMNIST_DATA)" || { echo "error: no Fashion-MNIST folder at $(FMNIST_DATA). Install Debian's package (apt-get install dataset-fashion-mnist), or set FMNIST_DATA=<a folder holding the four IDX files>; to download them, mkdir that folder and add ARGS=dataset.download=true." >&2; exit 1; }
+	@mkdir -p $(GRID_RUNS)/$(1); for r in results/$(1)/runs/*/; do [ -d "$$r" ] || continue; d=$(GRID_RUNS)/$(1)/$$(basename "$$r"); [ -e "$$d" ] || { cp -r "$$r" "$$d" && echo "restored $$d from its committed record"; }; done
 	$(call sweep,$(1),dataset.data_dir=$(FMNIST_DATA)))
 	$(PY) -m alr.report $(1) --runs $(GRID_RUNS)/$(1) --out $(GRID_OUT)
 $(if $(filter 1,$(SMOKE)),,$(PY) scripts/sync_readme.py)

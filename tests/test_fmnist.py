@@ -155,3 +155,26 @@ def test_the_committed_table_regenerates_from_the_committed_records_byte_for_byt
     fmnist_table(records, tmp_path / "table.md", grid=grid, experiment=experiment)
     assert (tmp_path / "table.md").read_text() == (ROOT / "results" / f"{experiment}.md").read_text()
     assert (tmp_path / "table.csv").read_text() == (ROOT / "results" / f"{experiment}.csv").read_text()
+
+
+@pytest.mark.parametrize("experiment", ["fmnist", "fmnist_resnet32"])
+def test_a_fresh_checkout_restores_the_committed_records_and_the_sweep_skips_their_runs(tmp_path: Path, experiment):
+    """make reproduce-fmnist on a checkout without run folders copies each committed record back into runs/, and
+    the trainer takes it as its finished run (no training), so a grid stopped in one session goes on in the next."""
+    from alr.trainer import fit
+    from conftest import compose
+
+    target = "reproduce-" + experiment.replace("_", "-")
+    proc = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
+    restore = next(line for line in proc.stdout.splitlines() if "from its committed record" in line)
+    name = f"fashion_mnist-{'resnet8' if experiment == 'fmnist' else 'resnet32'}-baseline-s0"
+    shutil.copytree(ROOT / "results" / experiment / "runs" / name, tmp_path / "results" / experiment / "runs" / name)
+    (tmp_path / "runs" / experiment / "other").mkdir(parents=True)  # an existing folder is left as it is
+    for _ in range(2):  # the second time, nothing to restore
+        done = subprocess.run(["bash", "-c", restore], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert done.stdout == "" and sorted(p.name for p in (tmp_path / "runs" / experiment).iterdir()) == [name, "other"]
+    run_dir = tmp_path / "runs" / experiment / name
+    cfg = compose(f"experiment={experiment}", "method=baseline", "seed=0", f"paths.output_dir={tmp_path / 'runs'}")
+    result = fit(cfg, run_dir)
+    assert result["status"] == "finished" and not (run_dir / "last.pt").exists()
+    assert result == json.loads((ROOT / "results" / experiment / "runs" / name / "result.json").read_text())
